@@ -1,0 +1,59 @@
+"""The model zoo: teachers and students as Flax modules with named feature taps, chosen by name.
+
+Every model is a `flax.linen.Module` whose `__call__(x, train: bool)` takes NHWC images and returns
+`(logits, features)`, where `features` maps tap names to arrays. Tap names common to all families:
+
+* `stem`: the output of the input stem (after its activation).
+* `stage{i}` / `stage{i}_preact`: the output of stage i (1-based) after / before its final activation.
+* `pooled`: the pooled penultimate vector fed to the classifier, (B, D).
+
+Families document further taps in their module docstrings. Every constructor accepts `num_classes`,
+`dtype` (compute dtype; parameters stay float32) and `axis_name` (BatchNorm's cross-device axis for the
+pmap path, None by default).
+
+    model = models.get_model("resnet8x4", num_classes=100)
+    variables = model.init(jax.random.key(0), x, train=False)
+    logits, features = model.apply(variables, x, train=False)
+"""
+
+import importlib
+from collections.abc import Callable
+
+import flax.linen as nn
+
+# Each family module defines `MODELS: dict[str, Callable[..., nn.Module]]`.
+_FAMILIES = (
+    "cifar_resnet",
+    "wrn",
+    "vgg",
+    "mobilenetv2",
+    "shufflenet",
+    "resnetv2",
+    "resnet",
+    "preact_resnet",
+    "inception_bn",
+)
+
+
+def _registry() -> dict[str, Callable[..., nn.Module]]:
+  registry = {}
+  for family in _FAMILIES:
+    module = importlib.import_module(f"{__name__}.{family}")
+    for name, ctor in module.MODELS.items():
+      if name in registry:
+        raise RuntimeError(f"Model name {name!r} is defined twice (second time in {family}).")
+      registry[name] = ctor
+  return registry
+
+
+def list_models() -> list[str]:
+  """All registered model names, sorted."""
+  return sorted(_registry())
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Builds the model registered under `name`; an unknown name raises with the valid names."""
+  registry = _registry()
+  if name not in registry:
+    raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(sorted(registry))}.")
+  return registry[name](num_classes=num_classes, **kwargs)
