@@ -5,6 +5,11 @@ Every model is a `flax.linen.Module` whose `__call__(x, train: bool)` takes NHWC
 
 * `stem`: the output of the input stem (after its activation).
 * `stage{i}` / `stage{i}_preact`: the output of stage i (1-based) after / before its final activation.
+  Pre-activation networks (`wrn_*`, `preact_resnet*`) end a stage with a bare residual sum, which is
+  their `stage{i}` (RepDistiller's default feature for them); their `stage{i}_preact` is that sum
+  through the BatchNorm that consumes it, before its ReLU (RepDistiller's `preact=True` feature; for the
+  last stage the final BatchNorm, the official NST teacher layer), and `stage{i}_relu` is after it.
+  MobileNetV2's stages end in a linear bottleneck: its `_preact` is the stage output itself.
 * `pooled`: the pooled penultimate vector fed to the classifier, (B, D).
 
 Families document further taps in their module docstrings. Every constructor accepts `num_classes`,

@@ -31,6 +31,7 @@ class Conv(nn.Module):
   groups: int = 1
   use_bias: bool = False
   dtype: Dtype = jnp.float32
+  kernel_init: Any = conv_init
 
   @nn.compact
   def __call__(self, x):
@@ -42,25 +43,32 @@ class Conv(nn.Module):
         padding=((pad, pad), (pad, pad)),
         feature_group_count=self.groups,
         use_bias=self.use_bias,
-        kernel_init=conv_init,
+        kernel_init=self.kernel_init,
         dtype=self.dtype,
         param_dtype=jnp.float32,
     )(x)
 
 
 class BatchNorm(nn.Module):
-  """BatchNorm with PyTorch's defaults; batch statistics in training, running ones in evaluation."""
+  """BatchNorm with PyTorch's defaults; batch statistics in training, running ones in evaluation.
+
+  `use_scale=False` is MXNet's `fix_gamma=True` (a scale pinned at 1 is no parameter at all);
+  `epsilon` can be set to MXNet's 2e-5 where exact parity with converted MXNet weights matters.
+  """
 
   dtype: Dtype = jnp.float32
   axis_name: str | None = None
   scale_init: Any = nn.initializers.ones
+  use_scale: bool = True
+  epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool):
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
-        epsilon=1e-5,
+        epsilon=self.epsilon,
+        use_scale=self.use_scale,
         dtype=self.dtype,
         param_dtype=jnp.float32,
         axis_name=self.axis_name,
@@ -68,17 +76,28 @@ class BatchNorm(nn.Module):
     )(x)
 
 
+# PyTorch's default `nn.Linear` weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1/(3 fan_in).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
 class Dense(nn.Module):
-  """Fully connected layer (PyTorch `nn.Linear`), float32 parameters."""
+  """Fully connected layer (PyTorch `nn.Linear`), float32 parameters.
+
+  The default initialisers are PyTorch's (uniform weights with bound 1/sqrt(fan_in), zero bias here
+  rather than PyTorch's uniform bias, a difference no result depends on); families that initialise
+  their classifier differently (e.g. normal(0, 0.01) for VGG) pass their own.
+  """
 
   features: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  kernel_init: Any = torch_linear_init
+  bias_init: Any = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype,
-                    param_dtype=jnp.float32)(x)
+    return nn.Dense(self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=self.kernel_init, bias_init=self.bias_init)(x)
 
 
 def max_pool(x, window: int, stride: int, padding: int = 0):

@@ -1,0 +1,203 @@
+"""Tests for nst_jax.models.inception_bn: shapes, exact parameter counts, BatchNorm modes, dtype, jit.
+
+Reference parameter counts are `sum(p.numel() for p in m.parameters() if p.requires_grad)` of a minimal
+PyTorch re-statement of TuSimple/neuron-selectivity-transfer `symbol/inception_bn.py` (biased
+convolutions, MXNet's default; `bn_data` with its scale frozen; PyTorch 2.13). Without `bn_data` it
+counts 11,295,240 at 1000 classes, osmr/imgclsmob's published BN-Inception count. The 224 px model is
+only traced; real forward passes use `inception_bn_cifar` at 32 px. Outside this suite, both models
+(inception_bn at 97 px, exercising the round-down pools) reproduced that PyTorch re-statement's logits
+and every tap after a weight transfer: relative error < 2e-6 in eval mode, < 2e-4 in train mode.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nst_jax.models import inception_bn
+
+EPS = 1e-5
+
+# (name, num_classes): (input size, PyTorch parameter count); see the module docstring.
+PARAM_COUNTS = {
+    ("inception_bn", 1000): (224, 11_295_243),
+    ("inception_bn_cifar", 10): (32, 10_272_810),
+    ("inception_bn_cifar", 100): (32, 10_365_060),
+}
+
+# Block output channels, from the official symbol's branch widths.
+_CHANNELS = {"3a": 256, "3b": 320, "3c": 576, "4a": 576, "4b": 576, "4c": 608, "4d": 608,
+             "4e": 1056, "5a": 1024, "5b": 1024}
+# Block resolution: ImageNet 224 px (MXNet pools round down: 112 -> 55 -> 27) and CIFAR 32 px.
+_SIZE = {"inception_bn": {"3": 27, "4": 14, "5": 7}, "inception_bn_cifar": {"3": 32, "4": 16, "5": 8}}
+
+
+def _expected_taps(name):
+  size = _SIZE[name]
+  shapes = {"stem": (2, 55, 55, 192) if name == "inception_bn" else (2, 32, 32, 192),
+            "pooled": (2, 1024)}
+  for block, channels in _CHANNELS.items():
+    # 3c and 4e downsample: 3c's output is at the 4x resolution, 4e's at the 5x one.
+    res = {"3c": size["4"], "4e": size["5"]}.get(block, size[block[0]])
+    shapes[f"in{block}"] = shapes[f"in{block}_relu"] = (2, res, res, channels)
+  for stage, block in enumerate(("3b", "4d", "5b"), start=1):
+    shapes[f"stage{stage}"] = shapes[f"stage{stage}_preact"] = shapes[f"in{block}"]
+  return shapes
+
+
+def test_expected_taps_are_the_documented_sizes():
+  # Spot-check the table above against the architecture's headline numbers.
+  assert _expected_taps("inception_bn")["in5b"] == (2, 7, 7, 1024)
+  assert _expected_taps("inception_bn_cifar")["stage1"] == (2, 32, 32, 320)
+  assert _expected_taps("inception_bn_cifar")["in4e"] == (2, 8, 8, 1056)
+
+
+def _variables(model, x, seed=0):
+  """Init-equivalent variables without running `init` (its RNG compiles slowly on CPU).
+
+  BatchNorm scale 1 / bias 0 and running mean 0 / var 1 as after `init`; He-normal kernels.
+  """
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    kind = path[-1].key
+    if kind in ("scale", "var"):
+      return np.ones(leaf.shape, np.float32)
+    if kind in ("bias", "mean"):
+      return np.zeros(leaf.shape, np.float32)
+    fan_out = leaf.shape[-1] * int(np.prod(leaf.shape[-4:-2])) if leaf.ndim >= 4 else leaf.shape[-1]
+    return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_out)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _num_params(params):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _batch_norm(x, mean, var):
+  return (x - mean) / np.sqrt(var + EPS)
+
+
+def _max_pool_3x3_s2_p1(x):
+  """NumPy max pool, 3x3 window, stride 2, padding 1 that never wins."""
+  x = np.pad(np.asarray(x, np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  out_h, out_w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  windows = [x[:, i:i + 2 * out_h:2, j:j + 2 * out_w:2] for i in range(3) for j in range(3)]
+  return np.max(windows, axis=0)
+
+
+def test_registry_names():
+  assert sorted(inception_bn.MODELS) == ["inception_bn", "inception_bn_cifar"]
+
+
+@pytest.mark.parametrize("name,num_classes", sorted(PARAM_COUNTS))
+def test_shapes_and_param_count(name, num_classes):
+  size, count = PARAM_COUNTS[name, num_classes]
+  model = inception_bn.MODELS[name](num_classes=num_classes)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+
+  def init_and_apply(x):
+    variables = model.init(jax.random.key(0), x, train=False)
+    return variables, model.apply(variables, x, train=False)
+
+  variables, (logits, features) = jax.eval_shape(init_and_apply, x)
+  assert _num_params(variables["params"]) == count
+  assert logits.shape == (2, num_classes)
+  assert {k: v.shape for k, v in features.items()} == _expected_taps(name)
+  params = variables["params"]
+  # The official symbol keeps MXNet's default conv bias; bn_data (fix_gamma=True) has no scale.
+  assert params["in5b"]["proj"]["conv"]["Conv_0"]["bias"].shape == (128,)
+  if name == "inception_bn":
+    assert jax.tree.map(jnp.shape, params["bn_data"]) == {"BatchNorm_0": {"bias": (3,)}}
+  else:
+    assert "bn_data" not in params
+
+
+@pytest.fixture(scope="module")
+def cifar_model():
+  model = inception_bn.MODELS["inception_bn_cifar"](num_classes=10)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3), jnp.float32)
+  return model, _variables(model, x), x
+
+
+@functools.cache
+def _apply_fn(model, train):
+  def apply(variables, x):
+    return model.apply(variables, x, train=train, mutable=["batch_stats", "intermediates"],
+                       capture_intermediates=lambda mdl, _: mdl.path == ("conv_2", "conv"))
+  return jax.jit(apply)
+
+
+def test_eval_uses_running_stats_and_leaves_them(cifar_model):
+  model, variables, x = cifar_model
+  (logits, features), state = _apply_fn(model, False)(variables, x)
+  assert {k: v.shape for k, v in features.items()} == _expected_taps("inception_bn_cifar")
+  conv = np.asarray(state["intermediates"]["conv_2"]["conv"]["__call__"][0])
+  # Fresh running statistics (mean 0, var 1), BN scale 1 and bias 0.
+  np.testing.assert_allclose(features["stem"], np.maximum(_batch_norm(conv, 0.0, 1.0), 0),
+                             rtol=1e-5, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"])
+  _check_taps(features, logits, variables)
+
+
+def test_train_uses_batch_stats_and_updates_them(cifar_model):
+  model, variables, x = cifar_model
+  (logits, features), state = _apply_fn(model, True)(variables, x)
+  conv = np.asarray(state["intermediates"]["conv_2"]["conv"]["__call__"][0], np.float64)
+  mean, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
+  np.testing.assert_allclose(features["stem"], np.maximum(_batch_norm(conv, mean, var), 0),
+                             rtol=1e-4, atol=1e-4)
+  stats = state["batch_stats"]["conv_2"]["bn"]["BatchNorm_0"]
+  # PyTorch momentum 0.1 from (0, 1); the variance tolerance covers biased vs unbiased estimates.
+  np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-3)
+  _check_taps(features, logits, variables)
+
+  (eval_logits, _), _ = _apply_fn(model, False)(variables, x)
+  assert not np.allclose(logits, eval_logits, atol=1e-3)
+
+
+def _check_taps(features, logits, variables):
+  for block in _CHANNELS:
+    preact, out = np.asarray(features[f"in{block}"]), np.asarray(features[f"in{block}_relu"])
+    np.testing.assert_array_equal(out, np.maximum(preact, 0))
+    assert preact.min() < 0
+  for stage, block in enumerate(("3b", "4d", "5b"), start=1):
+    np.testing.assert_array_equal(features[f"stage{stage}"], features[f"in{block}_relu"])
+    np.testing.assert_array_equal(features[f"stage{stage}_preact"], features[f"in{block}"])
+  # Reduction blocks end with the raw 3x3/2 max pool of their (rectified) input.
+  np.testing.assert_array_equal(features["in3c"][..., -320:],
+                                _max_pool_3x3_s2_p1(features["in3b_relu"]))
+  np.testing.assert_array_equal(features["in4e"][..., -608:],
+                                _max_pool_3x3_s2_p1(features["in4d_relu"]))
+  np.testing.assert_allclose(features["pooled"], np.asarray(features["in5b_relu"]).mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+  fc = variables["params"]["fc1"]["Dense_0"]
+  np.testing.assert_allclose(logits, np.asarray(features["pooled"]) @ fc["kernel"] + fc["bias"],
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_activations_float32_params():
+  model = inception_bn.MODELS["inception_bn"](num_classes=1000, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+
+  def init_and_apply(x):
+    variables = model.init(jax.random.key(0), x, train=False)
+    return variables, model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+  variables, ((logits, features), state) = jax.eval_shape(init_and_apply, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state["batch_stats"]))
+  assert logits.dtype == jnp.bfloat16
+  assert all(f.dtype == jnp.bfloat16 for f in features.values())
+
+
+def test_jit_matches_eager(cifar_model):
+  model, variables, x = cifar_model
+  jitted, _ = _apply_fn(model, False)(variables, x)
+  eager = model.apply(variables, x, train=False)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), jitted, eager)
