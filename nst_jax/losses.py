@@ -128,8 +128,8 @@ def _normalized_channel_dots(fs: Array, ft: Array) -> tuple[Array, Array, Array]
   gss = kernels.self_dots(fs.T)
   gst = jnp.matmul(fs.T, ft, precision=hp)
   gtt = kernels.self_dots(ft.T)
-  rs = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(gss), NORM_EPS * NORM_EPS))
-  rt = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(gtt), NORM_EPS * NORM_EPS))
+  rs = jax.lax.rsqrt(jnp.maximum(kernels.diagonal(gss), NORM_EPS * NORM_EPS))
+  rt = jax.lax.rsqrt(jnp.maximum(kernels.diagonal(gtt), NORM_EPS * NORM_EPS))
   return gss * jnp.outer(rs, rs), gtt * jnp.outer(rt, rt), gst * jnp.outer(rs, rt)
 
 
