@@ -85,10 +85,13 @@ def get_kernel(kernel: str | Kernel) -> Kernel:
   return KERNELS[kernel]
 
 
-def _is_concrete_number(value) -> bool:
-  return isinstance(value, int | float | np.number) or (
-      isinstance(value, np.ndarray | jax.Array) and not isinstance(value, jax.core.Tracer)
-      and np.ndim(value) == 0)
+def _concrete_float(value) -> float | None:
+  """float(value) for a Python, NumPy or concrete JAX scalar; None for a traced or non-scalar value,
+  which cannot be checked at trace time (e.g. a learned bandwidth)."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def _validate_params(kernel: Kernel, params: dict[str, Any]) -> dict[str, Any]:
@@ -105,12 +108,12 @@ def _validate_params(kernel: Kernel, params: dict[str, Any]) -> dict[str, Any]:
     if isinstance(degree, bool) or not isinstance(degree, int | np.integer) or degree < 1:
       raise ValueError(f"Polynomial kernel degree must be an integer >= 1, got {degree!r}.")
     c = params.get("c", 0.0)
-    if _is_concrete_number(c) and float(c) < 0:
+    if (c_value := _concrete_float(c)) is not None and c_value < 0:
       raise ValueError(f"Polynomial kernel offset c must be >= 0 (positive-definite kernel), got {c!r}.")
     return {"degree": int(degree), "c": c}
   if kernel is gaussian:
     sigma2 = params.get("sigma2")
-    if sigma2 is not None and _is_concrete_number(sigma2) and not float(sigma2) > 0:
+    if sigma2 is not None and (value := _concrete_float(sigma2)) is not None and not value > 0:
       raise ValueError(f"Gaussian kernel sigma2 must be > 0, got {sigma2!r}; "
                        "leave it unset for the mean-squared-distance heuristic (gaussian_sigma2).")
   return params
@@ -187,7 +190,8 @@ def _self_dots_jvp(primals, tangents):
 def _mmd2_vmap(k, X, Y, unbiased, params):
   n, m = X.shape[0], Y.shape[0]
   kxx, kyy, kxy = gram(k, X, X, **params), gram(k, Y, Y, **params), gram(k, X, Y, **params)
-  return _combine(kxx.sum(), kyy.sum(), kxy.sum(), jnp.sum(diagonal(kxx)), jnp.sum(diagonal(kyy)), n, m, unbiased)
+  return _combine(kxx.sum(), kyy.sum(), kxy.sum(), jnp.sum(diagonal(kxx)), jnp.sum(diagonal(kyy)), n, m,
+                  unbiased)
 
 
 def mmd2_from_dots(gxx: Array, gyy: Array, gxy: Array, kernel: str | Kernel = "polynomial", *,
@@ -219,7 +223,8 @@ def mmd2_from_dots(gxx: Array, gyy: Array, gxy: Array, kernel: str | Kernel = "p
     kxx = jnp.exp(scale * dist(gxx, sx, sx))
     kyy = jnp.exp(scale * dist(gyy, sy, sy))
     kxy = jnp.exp(scale * dist(gxy, sx, sy))
-  return _combine(kxx.sum(), kyy.sum(), kxy.sum(), jnp.sum(diagonal(kxx)), jnp.sum(diagonal(kyy)), n, m, unbiased)
+  return _combine(kxx.sum(), kyy.sum(), kxy.sum(), jnp.sum(diagonal(kxx)), jnp.sum(diagonal(kyy)), n, m,
+                  unbiased)
 
 
 def gaussian_sigma2_from_dots(gxx: Array, gyy: Array, gxy: Array, eps: float = 1e-12) -> Array:

@@ -9,16 +9,13 @@ only traced; real forward passes use `inception_bn_cifar` at 32 px. Outside this
 and every tap after a weight transfer: relative error < 2e-6 in eval mode, < 2e-4 in train mode.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from nst_jax.models import inception_bn
-
-EPS = 1e-5
+from tests.models import model_testing
 
 # (name, num_classes): (input size, PyTorch parameter count); see the module docstring.
 PARAM_COUNTS = {
@@ -54,34 +51,6 @@ def test_expected_taps_are_the_documented_sizes():
   assert _expected_taps("inception_bn_cifar")["in4e"] == (2, 8, 8, 1056)
 
 
-def _variables(model, x, seed=0):
-  """Init-equivalent variables without running `init` (its RNG compiles slowly on CPU).
-
-  BatchNorm scale 1 / bias 0 and running mean 0 / var 1 as after `init`; He-normal kernels.
-  """
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    kind = path[-1].key
-    if kind in ("scale", "var"):
-      return np.ones(leaf.shape, np.float32)
-    if kind in ("bias", "mean"):
-      return np.zeros(leaf.shape, np.float32)
-    fan_out = leaf.shape[-1] * int(np.prod(leaf.shape[-4:-2])) if leaf.ndim >= 4 else leaf.shape[-1]
-    return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_out)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _num_params(params):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
-def _batch_norm(x, mean, var):
-  return (x - mean) / np.sqrt(var + EPS)
-
-
 def _max_pool_3x3_s2_p1(x):
   """NumPy max pool, 3x3 window, stride 2, padding 1 that never wins."""
   x = np.pad(np.asarray(x, np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
@@ -98,16 +67,7 @@ def test_registry_names():
 def test_shapes_and_param_count(name, num_classes):
   size, count = PARAM_COUNTS[name, num_classes]
   model = inception_bn.MODELS[name](num_classes=num_classes)
-  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-
-  def init_and_apply(x):
-    variables = model.init(jax.random.key(0), x, train=False)
-    return variables, model.apply(variables, x, train=False)
-
-  variables, (logits, features) = jax.eval_shape(init_and_apply, x)
-  assert _num_params(variables["params"]) == count
-  assert logits.shape == (2, num_classes)
-  assert {k: v.shape for k, v in features.items()} == _expected_taps(name)
+  variables = model_testing.check_trace(model, count, (2, num_classes), _expected_taps(name), size=size)
   params = variables["params"]
   # The official symbol keeps MXNet's default conv bias; bn_data (fix_gamma=True) has no scale.
   assert params["in5b"]["proj"]["conv"]["Conv_0"]["bias"].shape == (128,)
@@ -117,55 +77,34 @@ def test_shapes_and_param_count(name, num_classes):
     assert "bn_data" not in params
 
 
+_STEM_CONV = ("conv_2", "conv")
+
+
 @pytest.fixture(scope="module")
 def cifar_model():
+  # Init-like variables (fresh BatchNorm statistics); jitted, capturing the stem convolution's output.
   model = inception_bn.MODELS["inception_bn_cifar"](num_classes=10)
-  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3), jnp.float32)
-  return model, _variables(model, x), x
-
-
-@functools.cache
-def _apply_fn(model, train):
-  def apply(variables, x):
-    return model.apply(variables, x, train=train, mutable=["batch_stats", "intermediates"],
-                       capture_intermediates=lambda mdl, _: mdl.path == ("conv_2", "conv"))
-  return jax.jit(apply)
+  x = model_testing.images()
+  variables = model_testing.numpy_variables(model, x, init_like=True)
+  return model_testing.run_eval_and_train(model, x, variables, capture=_STEM_CONV)
 
 
 def test_eval_uses_running_stats_and_leaves_them(cifar_model):
-  model, variables, x = cifar_model
-  (logits, features), state = _apply_fn(model, False)(variables, x)
-  assert {k: v.shape for k, v in features.items()} == _expected_taps("inception_bn_cifar")
-  conv = np.asarray(state["intermediates"]["conv_2"]["conv"]["__call__"][0])
   # Fresh running statistics (mean 0, var 1), BN scale 1 and bias 0.
-  np.testing.assert_allclose(features["stem"], np.maximum(_batch_norm(conv, 0.0, 1.0), 0),
-                             rtol=1e-5, atol=1e-5)
-  jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"])
-  _check_taps(features, logits, variables)
+  logits, features = model_testing.check_stem_batch_norm(cifar_model, False, "conv_2/bn", tol=1e-5)
+  assert model_testing.tap_shapes(features) == _expected_taps("inception_bn_cifar")
+  _check_taps(features, logits, cifar_model["variables"])
 
 
 def test_train_uses_batch_stats_and_updates_them(cifar_model):
-  model, variables, x = cifar_model
-  (logits, features), state = _apply_fn(model, True)(variables, x)
-  conv = np.asarray(state["intermediates"]["conv_2"]["conv"]["__call__"][0], np.float64)
-  mean, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
-  np.testing.assert_allclose(features["stem"], np.maximum(_batch_norm(conv, mean, var), 0),
-                             rtol=1e-4, atol=1e-4)
-  stats = state["batch_stats"]["conv_2"]["bn"]["BatchNorm_0"]
-  # PyTorch momentum 0.1 from (0, 1); the variance tolerance covers biased vs unbiased estimates.
-  np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-3)
-  _check_taps(features, logits, variables)
-
-  (eval_logits, _), _ = _apply_fn(model, False)(variables, x)
-  assert not np.allclose(logits, eval_logits, atol=1e-3)
+  # Momentum 0.1 from the fresh (0, 1).
+  logits, features = model_testing.check_stem_batch_norm(cifar_model, True, "conv_2/bn")
+  _check_taps(features, logits, cifar_model["variables"])
 
 
 def _check_taps(features, logits, variables):
   for block in _CHANNELS:
-    preact, out = np.asarray(features[f"in{block}"]), np.asarray(features[f"in{block}_relu"])
-    np.testing.assert_array_equal(out, np.maximum(preact, 0))
-    assert preact.min() < 0
+    model_testing.check_relu(features, f"in{block}", f"in{block}_relu")
   for stage, block in enumerate(("3b", "4d", "5b"), start=1):
     np.testing.assert_array_equal(features[f"stage{stage}"], features[f"in{block}_relu"])
     np.testing.assert_array_equal(features[f"stage{stage}_preact"], features[f"in{block}"])
@@ -174,30 +113,13 @@ def _check_taps(features, logits, variables):
                                 _max_pool_3x3_s2_p1(features["in3b_relu"]))
   np.testing.assert_array_equal(features["in4e"][..., -608:],
                                 _max_pool_3x3_s2_p1(features["in4d_relu"]))
-  np.testing.assert_allclose(features["pooled"], np.asarray(features["in5b_relu"]).mean(axis=(1, 2)),
-                             rtol=1e-5, atol=1e-6)
-  fc = variables["params"]["fc1"]["Dense_0"]
-  np.testing.assert_allclose(logits, np.asarray(features["pooled"]) @ fc["kernel"] + fc["bias"],
-                             rtol=1e-4, atol=1e-5)
+  model_testing.check_head(features, logits, variables, last="in5b_relu", fc="fc1")
 
 
 def test_bfloat16_activations_float32_params():
   model = inception_bn.MODELS["inception_bn"](num_classes=1000, dtype=jnp.bfloat16)
-  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
-
-  def init_and_apply(x):
-    variables = model.init(jax.random.key(0), x, train=False)
-    return variables, model.apply(variables, x, train=True, mutable=["batch_stats"])
-
-  variables, ((logits, features), state) = jax.eval_shape(init_and_apply, x)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state["batch_stats"]))
-  assert logits.dtype == jnp.bfloat16
-  assert all(f.dtype == jnp.bfloat16 for f in features.values())
+  model_testing.check_bfloat16_traced(model, 224)
 
 
 def test_jit_matches_eager(cifar_model):
-  model, variables, x = cifar_model
-  jitted, _ = _apply_fn(model, False)(variables, x)
-  eager = model.apply(variables, x, train=False)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), jitted, eager)
+  model_testing.check_jit_matches_eager(cifar_model, tol=1e-5)

@@ -6,16 +6,11 @@ resnet18 and resnet50 reproduced a PyTorch re-statement's logits and every tap a
 (64 px, random BN statistics): relative error < 1e-6 in eval mode, < 3e-4 in train mode (batch 2).
 """
 
-import functools
-
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from nst_jax.models import resnet
-
-EPS = 1e-5
+from tests.models import model_testing
 
 # torchvision's published model table (`num_params`, 1000 classes); a minimal PyTorch re-statement of
 # torchvision's ResNet / BasicBlock / Bottleneck counted the same with PyTorch 2.13.
@@ -45,38 +40,8 @@ _BOTTLENECK_SHAPES = {
 
 
 def _expected_taps(name):
-  shapes = dict(_BASIC_SHAPES if name in ("resnet18", "resnet34") else _BOTTLENECK_SHAPES)
-  for i in (1, 2, 3, 4):
-    shapes[f"stage{i}_preact"] = shapes[f"stage{i}"]
-  return shapes
-
-
-def _variables(model, x, seed=0):
-  """Init-equivalent variables without running `init` (its RNG compiles slowly on CPU).
-
-  BatchNorm scale 1 / bias 0 and running mean 0 / var 1 as after `init`; He-normal kernels.
-  """
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    kind = path[-1].key
-    if kind in ("scale", "var"):
-      return np.ones(leaf.shape, np.float32)
-    if kind in ("bias", "mean"):
-      return np.zeros(leaf.shape, np.float32)
-    fan_out = leaf.shape[-1] * int(np.prod(leaf.shape[-4:-2])) if leaf.ndim >= 4 else leaf.shape[-1]
-    return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_out)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _num_params(params):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
-def _batch_norm(x, mean, var):
-  return (x - mean) / np.sqrt(var + EPS)
+  basic = name in ("resnet18", "resnet34")
+  return model_testing.with_stage_aliases(_BASIC_SHAPES if basic else _BOTTLENECK_SHAPES)
 
 
 def test_registry_names():
@@ -85,40 +50,23 @@ def test_registry_names():
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
 def test_shapes_and_param_count(name):
-  model = resnet.MODELS[name](num_classes=1000)
-  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
-
-  def init_and_apply(x):
-    variables = model.init(jax.random.key(0), x, train=False)
-    return variables, model.apply(variables, x, train=False)
-
-  variables, (logits, features) = jax.eval_shape(init_and_apply, x)
-  assert _num_params(variables["params"]) == PARAM_COUNTS[name]
-  assert logits.shape == (2, 1000)
-  assert {k: v.shape for k, v in features.items()} == _expected_taps(name)
+  model_testing.check_trace(resnet.MODELS[name](num_classes=1000), PARAM_COUNTS[name], (2, 1000),
+                            _expected_taps(name), size=224)
 
 
 @pytest.fixture(scope="module")
 def resnet18():
+  # Init-like variables (fresh BatchNorm statistics); jitted, capturing the stem convolution's output.
   model = resnet.MODELS["resnet18"](num_classes=10)
-  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3), jnp.float32)
-  variables = _variables(model, x)
-  return model, variables, x
-
-
-@functools.cache
-def _apply_fn(model, train):
-  def apply(variables, x):
-    return model.apply(variables, x, train=train, mutable=["batch_stats", "intermediates"],
-                       capture_intermediates=lambda mdl, _: mdl.name == "conv1")
-  return jax.jit(apply)
+  x = model_testing.images()
+  variables = model_testing.numpy_variables(model, x, init_like=True)
+  return model_testing.run_eval_and_train(model, x, variables, capture=("conv1",))
 
 
 def test_small_forward_shapes(resnet18):
-  model, variables, x = resnet18
-  (logits, features), _ = _apply_fn(model, False)(variables, x)
+  logits, features = resnet18["eval"]
   assert logits.shape == (2, 10)
-  assert {k: v.shape for k, v in features.items()} == {
+  assert model_testing.tap_shapes(features) == {
       "stem": (2, 16, 16, 64),
       "stage1": (2, 8, 8, 64), "stage1_preact": (2, 8, 8, 64),
       "stage2": (2, 4, 4, 128), "stage2_preact": (2, 4, 4, 128),
@@ -129,61 +77,26 @@ def test_small_forward_shapes(resnet18):
 
 
 def test_eval_uses_running_stats_and_leaves_them(resnet18):
-  model, variables, x = resnet18
-  (logits, features), state = _apply_fn(model, False)(variables, x)
-  stem_conv = np.asarray(state["intermediates"]["conv1"]["__call__"][0])
   # Fresh running statistics (mean 0, var 1), BN scale 1 and bias 0.
-  np.testing.assert_allclose(features["stem"], np.maximum(_batch_norm(stem_conv, 0.0, 1.0), 0),
-                             rtol=1e-5, atol=1e-5)
-  jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"])
-  _check_head(features, logits, variables)
+  logits, features = model_testing.check_stem_batch_norm(resnet18, False, "bn1", tol=1e-5)
+  _check_head(features, logits, resnet18["variables"])
 
 
 def test_train_uses_batch_stats_and_updates_them(resnet18):
-  model, variables, x = resnet18
-  (logits, features), state = _apply_fn(model, True)(variables, x)
-  stem_conv = np.asarray(state["intermediates"]["conv1"]["__call__"][0], np.float64)
-  mean, var = stem_conv.mean(axis=(0, 1, 2)), stem_conv.var(axis=(0, 1, 2))
-  np.testing.assert_allclose(features["stem"], np.maximum(_batch_norm(stem_conv, mean, var), 0),
-                             rtol=1e-4, atol=1e-4)
-  stats = state["batch_stats"]["bn1"]["BatchNorm_0"]
-  # PyTorch momentum 0.1 from (0, 1); the variance tolerance covers biased vs unbiased estimates.
-  np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-3)
-  _check_head(features, logits, variables)
-
-  (eval_logits, _), _ = _apply_fn(model, False)(variables, x)
-  assert not np.allclose(logits, eval_logits, atol=1e-3)
+  # Momentum 0.1 from the fresh (0, 1).
+  logits, features = model_testing.check_stem_batch_norm(resnet18, True, "bn1")
+  _check_head(features, logits, resnet18["variables"])
 
 
 def _check_head(features, logits, variables):
   for i in (1, 2, 3, 4):
-    np.testing.assert_array_equal(features[f"stage{i}"], np.maximum(features[f"stage{i}_preact"], 0))
-    assert np.asarray(features[f"stage{i}_preact"]).min() < 0
-  np.testing.assert_allclose(features["pooled"], np.asarray(features["stage4"]).mean(axis=(1, 2)),
-                             rtol=1e-5, atol=1e-6)
-  fc = variables["params"]["fc"]["Dense_0"]
-  np.testing.assert_allclose(logits, np.asarray(features["pooled"]) @ fc["kernel"] + fc["bias"],
-                             rtol=1e-4, atol=1e-5)
+    model_testing.check_relu(features, f"stage{i}_preact", f"stage{i}")
+  model_testing.check_head(features, logits, variables, last="stage4", fc="fc")
 
 
 def test_bfloat16_activations_float32_params():
-  model = resnet.MODELS["resnet50"](num_classes=1000, dtype=jnp.bfloat16)
-  x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
-
-  def init_and_apply(x):
-    variables = model.init(jax.random.key(0), x, train=False)
-    return variables, model.apply(variables, x, train=True, mutable=["batch_stats"])
-
-  variables, ((logits, features), state) = jax.eval_shape(init_and_apply, x)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
-  assert all(s.dtype == jnp.float32 for s in jax.tree.leaves(state["batch_stats"]))
-  assert logits.dtype == jnp.bfloat16
-  assert all(f.dtype == jnp.bfloat16 for f in features.values())
+  model_testing.check_bfloat16_traced(resnet.MODELS["resnet50"](num_classes=1000, dtype=jnp.bfloat16), 224)
 
 
 def test_jit_matches_eager(resnet18):
-  model, variables, x = resnet18
-  jitted, _ = _apply_fn(model, False)(variables, x)
-  eager = model.apply(variables, x, train=False)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5), jitted, eager)
+  model_testing.check_jit_matches_eager(resnet18, tol=1e-5)
