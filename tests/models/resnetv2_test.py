@@ -58,8 +58,8 @@ def test_registry_names():
 
 
 def test_shapes_and_param_count():
-  variables = model_testing.check_trace(resnetv2.MODELS["ResNet50"](num_classes=100), PARAM_COUNT, (2, 100),
-                             TAP_SHAPES)
+  model = resnetv2.MODELS["ResNet50"](num_classes=100)
+  variables = model_testing.check_trace(model, PARAM_COUNT, (2, 100), TAP_SHAPES)
   params = variables["params"]
   assert sorted(k for k in params if k.startswith("stage")) == sorted(
       f"stage{i + 1}_block{j}" for i, n in enumerate((3, 4, 6, 3)) for j in range(n))
@@ -83,8 +83,8 @@ def test_bottleneck_matches_numpy():
   p, s = variables["params"], variables["batch_stats"]
 
   def conv_bn(name, y, stride=1):
-    y = model_testing.conv_nhwc(y, p[f"conv{name}" if name.isdigit() else f"{name}_conv"]["Conv_0"]["kernel"],
-                     stride)
+    conv = f"conv{name}" if name.isdigit() else f"{name}_conv"
+    y = model_testing.conv_nhwc(y, p[conv]["Conv_0"]["kernel"], stride)
     bn = f"bn{name}" if name.isdigit() else f"{name}_bn"
     stats = s[bn]["BatchNorm_0"]
     return model_testing.batch_norm(y, stats["mean"], stats["var"], p[bn]["BatchNorm_0"])

@@ -129,8 +129,8 @@ def _check_taps(name, features, logits, variables):
     else:  # RepDistiller's V2 preact is taken before the unit's channel shuffle.
       expected = _torch_channel_shuffle(np.maximum(preact, 0), 2)
     np.testing.assert_array_equal(features[f"stage{i}"], expected)
-  model_testing.check_head(features, logits, variables, last="stage3" if name == "ShuffleV1" else "head",
-                fc="classifier", atol=1e-4)
+  last = "stage3" if name == "ShuffleV1" else "head"
+  model_testing.check_head(features, logits, variables, last=last, fc="classifier", atol=1e-4)
 
 
 @pytest.mark.parametrize("run", ["ShuffleV1"], indirect=True)  # One model is enough here.
