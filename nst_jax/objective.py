@@ -147,6 +147,7 @@ class HintRegressor(nn.Module):
   """
 
   teacher_shape: tuple[int, int, int]  # (H, W, C) of the teacher map
+  student_tap: str = "stage2"  # the student tap it reads (the training step looks it up)
   dtype: Any = jnp.float32
   axis_name: str | None = None
 

@@ -1,0 +1,146 @@
+"""The training step and its state: a student (plus a FitNet regressor, when used) trained against an
+objective, a teacher traced in the same compiled program but never updated.
+
+`train_step(state, teacher_variables, batch, rng, *, ...)` is pure: the teacher is a separate,
+non-donated argument, its outputs are under `stop_gradient`, only the student side is differentiated,
+and the rng is `fold_in(rng, step)`. With `axis_name` set (the pmap path) gradients and metrics are
+averaged over that device axis; under global-view jit they need no reduction. Metrics are a flat dict of
+scalars: every loss component, the total, top-1 accuracy and the learning rate.
+
+`eval_step` returns exact (sum, count) pairs for top-1 and top-5, with padded examples masked out.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from nst_jax import objective as objective_lib
+
+TEACHER_BATCHNORM_MODES = ("running", "batch")
+
+
+class TrainState(train_state.TrainState):
+  """Student-side parameters (`{"student": ..., "regressor": ...}`), their BatchNorm statistics and the
+  optimizer state. The teacher is not part of it, so it is never checkpointed with the student."""
+
+  batch_stats: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """The modules of a run: the student, the teacher (None: supervised), the FitNet regressor (None)."""
+
+  student: nn.Module
+  teacher: nn.Module | None = None
+  regressor: nn.Module | None = None
+  teacher_batchnorm: str = "running"
+
+
+def make_optimizer(learning_rate: Callable[[int], float] | float, momentum: float, nesterov: bool,
+                   weight_decay: float) -> optax.GradientTransformation:
+  """PyTorch's SGD: weight decay added to the gradient (every parameter, as RepDistiller), then momentum."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+
+
+def step_schedule(base_lr: float, steps_per_epoch: int, decay_epochs, decay_factor: float):
+  """Piecewise-constant learning rate: x decay_factor at each of `decay_epochs`."""
+  boundaries = {int(e) * steps_per_epoch: decay_factor for e in decay_epochs}
+  return optax.piecewise_constant_schedule(base_lr, boundaries)
+
+
+def create_train_state(models: Models, optimizer: optax.GradientTransformation, sample_images: jax.Array,
+                       rng: jax.Array, teacher_feature_shape: tuple[int, ...] | None = None) -> TrainState:
+  """Initialises the student (and the regressor, onto the teacher map's shape) from one sample batch."""
+  key_student, key_regressor = jax.random.split(rng)
+  variables = models.student.init(key_student, sample_images, train=False)
+  params = {"student": variables["params"]}
+  batch_stats = {"student": variables.get("batch_stats", {})}
+  if models.regressor is not None:
+    _, features = models.student.apply(variables, sample_images, train=False)
+    hint_input = features[models.regressor.student_tap]
+    reg_vars = models.regressor.init(key_regressor, hint_input, train=False)
+    params["regressor"], batch_stats["regressor"] = reg_vars["params"], reg_vars.get("batch_stats", {})
+  return TrainState.create(apply_fn=models.student.apply, params=params, tx=optimizer,
+                           batch_stats=batch_stats)
+
+
+def _teacher_outputs(models: Models, teacher_variables, images):
+  if models.teacher is None:
+    return None, None
+  if models.teacher_batchnorm == "batch":
+    # The official code's teacher: BatchNorm with the batch's statistics; the updated running
+    # statistics are thrown away, so the teacher's variables never change.
+    (logits, features), _ = models.teacher.apply(teacher_variables, images, train=True,
+                                                 mutable=["batch_stats"])
+  else:
+    logits, features = models.teacher.apply(teacher_variables, images, train=False)
+  return jax.lax.stop_gradient((logits, features))
+
+
+def train_step(state: TrainState, teacher_variables, batch, rng, *, models: Models,
+               objective: objective_lib.Objective, learning_rate_fn: Callable[[int], Any],
+               axis_name: str | None = None):
+  """One SGD step on the student side; returns (new state, metrics)."""
+  del rng  # The zoo's models draw no randomness; `fold_in(rng, state.step)` would go here if they did.
+  images, labels = batch["image"], batch["label"]
+  teacher_logits, teacher_features = _teacher_outputs(models, teacher_variables, images)
+
+  def loss_fn(params):
+    (logits, features), student_stats = models.student.apply(
+        {"params": params["student"], "batch_stats": state.batch_stats["student"]}, images, train=True,
+        mutable=["batch_stats"])
+    new_stats = {"student": student_stats["batch_stats"]}
+    hint = None
+    if models.regressor is not None:
+      hint, reg_stats = models.regressor.apply(
+          {"params": params["regressor"], "batch_stats": state.batch_stats["regressor"]},
+          features[models.regressor.student_tap], train=True, mutable=["batch_stats"])
+      new_stats["regressor"] = reg_stats["batch_stats"]
+    total, components = objective(labels, logits, features, teacher_logits, teacher_features, hint)
+    return total, (components, new_stats, logits)
+
+  grads, (components, new_stats, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  metrics = {f"train_{k.replace('/', '_')}_loss" if k != "total" else "train_loss": v
+             for k, v in components.items()}
+  metrics["train_accuracy"] = jnp.mean(jnp.argmax(logits, -1) == labels)
+  metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+  return state.apply_gradients(grads=grads, batch_stats=new_stats), metrics
+
+
+def eval_step(state: TrainState, batch, *, models: Models, axis_name: str | None = None):
+  """Exact evaluation sums: correct top-1, correct top-5 and the count of real (unmasked) examples."""
+  logits, _ = models.student.apply(
+      {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}, batch["image"],
+      train=False)
+  return topk_sums(logits, batch["label"], batch.get("mask"), axis_name)
+
+
+def topk_sums(logits, labels, mask=None, axis_name: str | None = None):
+  """{"top1_correct", "top5_correct", "count"} summed over the batch (and the device axis)."""
+  mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  top = jax.lax.top_k(logits.astype(jnp.float32), k)[1]
+  hit = top == labels[:, None]
+  sums = {"top1_correct": jnp.sum(hit[:, 0] * mask), "top5_correct": jnp.sum(jnp.any(hit, -1) * mask),
+          "count": jnp.sum(mask)}
+  return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+
+
+def bodies(models: Models, objective: objective_lib.Objective, learning_rate_fn):
+  """The (train, eval) step bodies in the signature `parallel.Runner` expects."""
+  train = lambda s, t, b, r, axis: train_step(s, t, b, r, models=models, objective=objective,
+                                              learning_rate_fn=learning_rate_fn, axis_name=axis)
+  evaluate = lambda s, b, axis: eval_step(s, b, models=models, axis_name=axis)
+  return train, evaluate
+
