@@ -23,14 +23,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"   # "digits", "image_folder", "cifar10", "cifar100", "imagenet2012".
-  config.data.path = ""         # image_folder: the class-folder tree.
+  config.data.pipeline = "auto"  # "device" (in memory, no TF), "tfds" (tf.data streaming), "auto".
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"  # TFDS cifar: "test"; imagenet2012: "validation".
+  config.data.path = ""         # image_folder: the class-folder tree (relative to the working directory).
   config.data.data_dir = ""     # TFDS data directory ("" = TFDS's default).
-  config.data.cache_dir = ""    # Where decoded arrays are cached ("" = <workdir>/../data_cache).
+  config.data.manual_dir = ""   # imagenet2012: where the manually downloaded tar files are.
+  config.data.cache_dir = ""    # Where decoded arrays are cached ("" = the source's default).
   config.data.validation_per_class = 0  # image_folder: last N images of every class held out.
   config.data.limit_per_class = 0       # image_folder: use only the first N per class (0 = all).
+  config.data.image_size = 32   # In-memory data is resized to this once, if different (0 = keep).
   config.data.augment = "none"  # "none", "cifar" (pad-4 crop + flip) or "imagenet".
-  config.data.mean = (0.0,)     # Per-channel normalisation, in [0, 1] pixel units.
-  config.data.std = (1.0,)
+  config.data.mean = ()         # Per-channel normalisation in [0, 1] units; () = the dataset's own.
+  config.data.std = ()
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.model = ""     # "" = no teacher: supervised training.
@@ -76,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.logging = ml_collections.ConfigDict()
   config.logging.log_every_steps = 50
+  config.logging.eval_every_epochs = 1
   config.logging.checkpoint_every_steps = 500
   config.logging.keep_checkpoints = 3
   return config
