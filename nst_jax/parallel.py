@@ -60,35 +60,49 @@ def shard_batch(batch, mesh: Mesh):
 
 
 class Runner:
-  """Compiles a step body for one parallel mode and converts state and batches to its layout.
+  """Compiles step bodies for one parallel mode and converts state and batches to its layout.
 
-  `train_body(state, teacher_variables, batch, rng, axis_name)` and `eval_body(state, batch, axis_name)`
-  are pure functions; with `axis_name` set they must reduce gradients and metrics over it themselves.
+  A train body is `body(state, teacher_variables, batch, rng, axis_name) -> (state, metrics)`, an eval
+  body `body(variables, batch, axis_name) -> sums`; with `axis_name` set they must reduce gradients and
+  metrics over it themselves (`lax.pmean`, `lax.psum`).
   """
 
-  def __init__(self, mode: str, mesh: Mesh, train_body: Callable, eval_body: Callable):
+  def __init__(self, mode: str, mesh: Mesh):
     if mode not in MODES:
       raise ValueError(f"Unknown parallel mode {mode!r}. Valid modes: {', '.join(MODES)}.")
     self.mode, self.mesh = mode, mesh
     self.num_devices = mesh.devices.size
-    if mode == "jit":
-      rep, shard = replicated(mesh), batch_sharded(mesh)
-      self._train = jax.jit(lambda s, t, b, r: train_body(s, t, b, r, None),
-                            in_shardings=(rep, rep, shard, rep), out_shardings=(rep, rep),
-                            donate_argnums=0)
-      self._eval = jax.jit(lambda s, b: eval_body(s, b, None), in_shardings=(rep, shard),
-                           out_shardings=rep)
-    else:
-      devices = list(mesh.devices.flat)
-      self._train = jax.pmap(lambda s, t, b, r: train_body(s, t, b, r, PMAP_AXIS), axis_name=PMAP_AXIS,
-                             in_axes=(0, 0, 0, None), devices=devices, donate_argnums=0)
-      self._eval = jax.pmap(lambda s, b: eval_body(s, b, PMAP_AXIS), axis_name=PMAP_AXIS,
-                            devices=devices)
 
   @property
   def axis_name(self) -> str | None:
     """The BatchNorm axis the models must be built with in this mode."""
     return PMAP_AXIS if self.mode == "pmap" else None
+
+  def compile_train(self, body: Callable) -> Callable:
+    """`step(state, teacher_variables, batch, rng) -> (state, metrics)`; the state is donated."""
+    if self.mode == "jit":
+      rep, shard = replicated(self.mesh), batch_sharded(self.mesh)
+      step = jax.jit(lambda s, t, b, r: body(s, t, b, r, None), in_shardings=(rep, rep, shard, rep),
+                     out_shardings=(rep, rep), donate_argnums=0)
+      return lambda s, t, b, r: step(s, t, self.put_batch(b), r)
+    step = jax.pmap(lambda s, t, b, r: body(s, t, b, r, PMAP_AXIS), axis_name=PMAP_AXIS,
+                    in_axes=(0, 0, 0, None), devices=list(self.mesh.devices.flat), donate_argnums=0)
+
+    def run(s, t, b, r):
+      s, metrics = step(s, t, self.put_batch(b), r)
+      return s, jax.tree.map(lambda x: x[0], metrics)
+
+    return run
+
+  def compile_eval(self, body: Callable) -> Callable:
+    """`evaluate(variables, batch) -> sums` (one copy of the sums, reduced over devices)."""
+    if self.mode == "jit":
+      rep, shard = replicated(self.mesh), batch_sharded(self.mesh)
+      fn = jax.jit(lambda v, b: body(v, b, None), in_shardings=(rep, shard), out_shardings=rep)
+      return lambda v, b: fn(v, self.put_batch(b))
+    fn = jax.pmap(lambda v, b: body(v, b, PMAP_AXIS), axis_name=PMAP_AXIS,
+                  devices=list(self.mesh.devices.flat))
+    return lambda v, b: jax.tree.map(lambda x: x[0], fn(v, self.put_batch(b)))
 
   def put_replicated(self, tree):
     """Host or device pytree -> this mode's replicated layout (stacked per device for pmap)."""
@@ -106,14 +120,6 @@ class Runner:
     if self.mode == "jit":
       return batch if _is_sharded_like(batch, self.mesh) else shard_batch(batch, self.mesh)
     return jax.tree.map(lambda x: np.asarray(x).reshape(self.num_devices, -1, *x.shape[1:]), batch)
-
-  def train_step(self, state, teacher_variables, batch, rng):
-    state, metrics = self._train(state, teacher_variables, self.put_batch(batch), rng)
-    return state, (metrics if self.mode == "jit" else jax.tree.map(lambda x: x[0], metrics))
-
-  def eval_step(self, state, batch):
-    sums = self._eval(state, self.put_batch(batch))
-    return sums if self.mode == "jit" else jax.tree.map(lambda x: x[0], sums)
 
 
 def _is_sharded_like(batch, mesh: Mesh) -> bool:

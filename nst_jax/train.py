@@ -118,12 +118,16 @@ def train_step(state: TrainState, teacher_variables, batch, rng, *, models: Mode
   return state.apply_gradients(grads=grads, batch_stats=new_stats), metrics
 
 
-def eval_step(state: TrainState, batch, *, models: Models, axis_name: str | None = None):
-  """Exact evaluation sums: correct top-1, correct top-5 and the count of real (unmasked) examples."""
-  logits, _ = models.student.apply(
-      {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}, batch["image"],
-      train=False)
+def eval_step(variables, batch, *, model: nn.Module, axis_name: str | None = None):
+  """Exact evaluation sums of one model: correct top-1, correct top-5 and the count of real (unmasked)
+  examples. `variables` are the model's {"params", "batch_stats"} (see `student_variables`)."""
+  logits, _ = model.apply(variables, batch["image"], train=False)
   return topk_sums(logits, batch["label"], batch.get("mask"), axis_name)
+
+
+def student_variables(state: TrainState) -> dict:
+  """The student's own variables, as `model.apply` and a teacher checkpoint hold them."""
+  return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
 
 
 def topk_sums(logits, labels, mask=None, axis_name: str | None = None):
@@ -137,10 +141,12 @@ def topk_sums(logits, labels, mask=None, axis_name: str | None = None):
   return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
-def bodies(models: Models, objective: objective_lib.Objective, learning_rate_fn):
-  """The (train, eval) step bodies in the signature `parallel.Runner` expects."""
-  train = lambda s, t, b, r, axis: train_step(s, t, b, r, models=models, objective=objective,
-                                              learning_rate_fn=learning_rate_fn, axis_name=axis)
-  evaluate = lambda s, b, axis: eval_step(s, b, models=models, axis_name=axis)
-  return train, evaluate
+def train_body(models: Models, objective: objective_lib.Objective, learning_rate_fn):
+  """The train step body in the signature `parallel.Runner.compile_train` expects."""
+  return lambda s, t, b, r, axis: train_step(s, t, b, r, models=models, objective=objective,
+                                             learning_rate_fn=learning_rate_fn, axis_name=axis)
 
+
+def eval_body(model: nn.Module):
+  """The eval step body of one model, in the signature `parallel.Runner.compile_eval` expects."""
+  return lambda v, b, axis: eval_step(v, b, model=model, axis_name=axis)

@@ -42,11 +42,12 @@ def _run(mode, devices, teacher_batchnorm="running", fitnet=False, steps=3):
   lr = train.step_schedule(0.05, steps_per_epoch=2, decay_epochs=(1,), decay_factor=0.1)
   state = train.create_train_state(mdl, train.make_optimizer(lr, 0.9, False, 5e-4), sample,
                                    jax.random.key(0))
-  runner = parallel.Runner(mode, mesh, *train.bodies(mdl, _objective(fitnet), lr))
+  runner = parallel.Runner(mode, mesh)
+  step = runner.compile_train(train.train_body(mdl, _objective(fitnet), lr))
   state, t_vars = runner.put_replicated(state), runner.put_replicated(teacher_variables)
   history = []
   for batch in _batches(steps):
-    state, metrics = runner.train_step(state, t_vars, batch, jax.random.key(2))
+    state, metrics = step(state, t_vars, batch, jax.random.key(2))
     history.append(jax.device_get(metrics))
   return (jax.device_get(runner.get_replicated(state)), history, teacher_variables,
           jax.device_get(runner.get_replicated(t_vars)))
@@ -109,6 +110,23 @@ def test_teacher_batch_statistics_mode_and_fitnet(teacher_batchnorm):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_eval_step_counts_match_numpy(mode):
+  model = models.get_model("resnet8", num_classes=10)
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  batch = _batches(1, seed=3)[0]
+  batch["mask"] = (np.arange(GLOBAL_BATCH) < 13).astype(np.float32)  # a padded last batch
+  runner = parallel.Runner(mode, parallel.make_mesh())
+  sums = runner.compile_eval(train.eval_body(model))(runner.put_replicated(variables), batch)
+  logits = np.asarray(model.apply(variables, batch["image"], train=False)[0])
+  top5 = np.argsort(-logits, axis=1)[:, :5]
+  real = batch["mask"] > 0
+  assert float(sums["count"]) == 13
+  assert float(sums["top1_correct"]) == np.sum((logits.argmax(1) == batch["label"])[real])
+  assert float(sums["top5_correct"]) == np.sum((top5 == batch["label"][:, None]).any(1)[real])
+
+
 def test_eval_sums_are_exact_with_padding():
   logits = jnp.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.2, 0.7], [0.5, 0.4, 0.3]])
   labels = jnp.array([1, 2, 2, 0])
@@ -122,4 +140,4 @@ def test_global_batch_must_divide_by_devices():
   with pytest.raises(ValueError, match=r"global batch size 12 does not divide by the 8 devices"):
     parallel.check_global_batch(12, 8)
   with pytest.raises(ValueError, match=r"Unknown parallel mode 'pjit'. Valid modes: jit, pmap"):
-    parallel.Runner("pjit", parallel.make_mesh(), None, None)
+    parallel.Runner("pjit", parallel.make_mesh())
