@@ -249,6 +249,11 @@ class TfdsPipeline:
     self.num_examples = self._split_size(split)
     self.steps_per_epoch = (self.num_examples // self.process_count) // self.local_batch
 
+  @property
+  def num_classes(self) -> int:
+    """The number of classes of the label feature."""
+    return int(self._builder.info.features[self.label_key].num_classes)
+
   def _split_size(self, split) -> int:
     try:
       return int(self._builder.info.splits[split].num_examples)

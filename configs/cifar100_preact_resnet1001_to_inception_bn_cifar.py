@@ -1,0 +1,59 @@
+r"""The NST paper's CIFAR-100 runs: preact_resnet1001 -> inception_bn_cifar; the method is the config string.
+
+Command (from the repository root; METHOD is one of ce, kd, fitnet, at, nst_linear, nst_poly, nst_gaussian,
+kd_fitnet, kd_nst, kd_fitnet_nst; without `:METHOD` the config is `kd_nst`, the paper's best):
+
+    python launch.py --config configs/cifar100_preact_resnet1001_to_inception_bn_cifar.py:METHOD \
+      --workdir workdirs/cifar100_preact_resnet1001_to_inception_bn_cifar_METHOD
+
+Every method but `ce` distils from the teacher run in `workdirs/cifar100_preact_resnet1001`; when that has
+no checkpoint yet, the run first trains the teacher there with `configs/cifar100_preact_resnet1001.py`.
+
+Data: TFDS `cifar100`: the 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000 test
+images.
+
+Recipe: `configs/_paper.py` (nst-method.md gives none for the paper's CIFAR runs): He et al. 2016's
+CIFAR recipe for the teacher's family, for every run alike: SGD momentum 0.9, weight decay 1e-4, batch
+128, lr 0.1 x0.1 at epochs 82 / 123 of 164. The teacher runs its BatchNorm on batch statistics, as the
+authors' (ImageNet) code does. KD is CE + 1.0 KD at T = 4 (the official "KD weight 16 at T = 4"); NST
+weight 50 per layer pair (the official code's); FitNet 100 and AT 1000 (RepDistiller's).
+
+Layers (both networks at 32 / 16 / 8 px, so nothing is resized): NST and AT sum over three pairs of
+pre-ReLU BatchNorm outputs, the official code's kind of map: the student's blocks 3b, 4d and 5b (`in3b`,
+`in4d`, `in5b`: the last block at each resolution, 320 / 608 / 1024 channels) against the teacher's
+`stage1_preact`, `stage2_preact` and `final_bn` (each stage's output through the BatchNorm that
+consumes it, 64 / 128 / 256 channels; `final_bn` is the official teacher layer). FitNet regresses
+`in4d_relu` (16 x 16 x 608) onto the teacher's `stage2_relu` (16 x 16 x 128): post-ReLU, because the
+regressor ends in a ReLU.
+
+Runtime: not measured. On the 2-core development CPU inception_bn_cifar trains at 4.9 img/s
+(forward+backward, batch 64, README), so even `ce` takes about 20 days for the 164 epochs, and the
+teacher's forward (about 24 img/s by depth scaling of preact_resnet164) adds about a fifth: accelerator
+jobs (`python bench/step.py --teacher preact_resnet1001 --student inception_bn_cifar` there).
+
+Expected test error (accuracy) in %, the paper's table (nst-method.md §8), CIFAR-100 column:
+
+| method | objective | expected error (accuracy) |
+| --- | --- | --- |
+| `ce` | CE | 25.63 (74.37), row "student" |
+| `kd` | CE + KD (T = 4) | 22.18 (77.82), row "KD" |
+| `fitnet` | CE + 100 FitNet | 23.48 (76.52), row "FitNet" |
+| `at` | CE + 1000 AT | 24.31 (75.69), row "AT" |
+| `nst_linear` | CE + 50 NST (linear) | 24.28 (75.72), row "NST linear" |
+| `nst_poly` | CE + 50 NST (polynomial) | 23.46 (76.54), row "NST polynomial" |
+| `nst_gaussian` | CE + 50 NST (Gaussian) | 23.85 (76.15), row "NST Gaussian" |
+| `kd_fitnet` | CE + KD + 100 FitNet | 22.29 (77.71), row "KD + FitNet" |
+| `kd_nst` | CE + KD + 50 NST (polynomial) | 21.48 (78.52), row "KD + NST (poly)" |
+| `kd_fitnet_nst` | CE + KD + 100 FitNet + 50 NST (polynomial) | 22.25 (77.75), row "KD + FitNet + NST" |
+
+Teacher: 20.50 (79.50). Independent re-implementations report NST gains well below the paper's
+(nst-method.md §8).
+"""
+
+from configs import _paper
+
+METHODS = _paper.CIFAR_METHODS
+
+
+def get_config(method: str = _paper.DEFAULT_METHOD):
+  return _paper.cifar_student_config("cifar100", method)

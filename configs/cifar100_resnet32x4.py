@@ -1,0 +1,32 @@
+"""RepDistiller CIFAR-100 teacher: resnet32x4, supervised (RepDistiller's `train_teacher.py`).
+
+Command (from the repository root):
+
+    python launch.py --config configs/cifar100_resnet32x4.py --workdir workdirs/cifar100_resnet32x4
+
+The distillation config `configs/cifar100_resnet32x4_to_resnet8x4.py` (every method but `ce`) reads this run
+from `workdirs/cifar100_resnet32x4` and, when it has no checkpoint yet, runs it there first.
+
+Data: TFDS `cifar100` (downloaded by TFDS on first use, or already prepared under `data.data_dir`): the
+50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000 test images.
+
+Recipe: `configs/_repdistiller.py` (RepDistiller's protocol, nst-method.md §7): SGD momentum 0.9, weight
+decay 5e-4, batch 64, 240 epochs, lr 0.05 x0.1 at epochs 150 / 180 / 210; 187,440 steps.
+
+Runtime: not measured on an accelerator yet (there, `python bench/step.py --student resnet32x4 --method ce`
+gives the step time; multiply by 187,440). On the 2-core development CPU, from the
+README's `bench/models.py` images/s at batch 64:
+
+    resnet32x4 fwd+bwd 16.0, fwd 81.6 img/s
+
+the 187,440 steps of 64 images plus 240 evaluations of 10,000 take about 9.0 days: a GPU job.
+
+Expected test accuracy: 79.42 % (RepDistiller's CIFAR-100 table, nst-method.md §8, row
+resnet32x4 -> resnet8x4, teacher column; last epoch, one run).
+"""
+
+from configs import _repdistiller
+
+
+def get_config():
+  return _repdistiller.teacher_config("resnet32x4")

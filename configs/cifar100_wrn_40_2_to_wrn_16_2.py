@@ -1,0 +1,58 @@
+r"""RepDistiller CIFAR-100, teacher wrn_40_2 -> student wrn_16_2; the method is the config-string argument.
+
+Command (from the repository root; METHOD is one of ce, kd, fitnet, at, nst, kd_nst; without
+`:METHOD` the config is `nst`):
+
+    python launch.py --config configs/cifar100_wrn_40_2_to_wrn_16_2.py:METHOD \
+      --workdir workdirs/cifar100_wrn_40_2_to_wrn_16_2_METHOD
+
+Every method but `ce` distils from the teacher run in `workdirs/cifar100_wrn_40_2`; when that has no
+checkpoint yet, the run first trains the teacher there with `configs/cifar100_wrn_40_2.py`.
+
+Data: TFDS `cifar100`: the 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000
+test images.
+
+Recipe: `configs/_repdistiller.py` (RepDistiller's protocol, nst-method.md §7): SGD momentum 0.9, weight
+decay 5e-4, batch 64, 240 epochs, lr 0.05 x0.1 at epochs 150 / 180 / 210; the teacher with its running
+BatchNorm statistics.
+
+Layers. NST and AT sum over `stage1`, `stage2`, `stage3` of both networks. For the pre-activation WRNs these
+taps are the stages' raw residual sums, not post-ReLU maps: that is what RepDistiller's WRN returns as
+feat[1..3] (nothing activates a pre-activation stage's output until the next block's BN-ReLU), so the
+same taps keep the RepDistiller row's loss. Both networks have widths 32 / 64 / 128 at 32 / 16 / 8 px,
+so the maps have equal shapes; FitNet still learns its regressor (a 3x3 conv + BN + ReLU from the
+student's `stage2` onto the teacher's `stage2`, as RepDistiller's `ConvReg` for equal sizes).
+
+Runtime: not measured on an accelerator yet (there, `python bench/step.py --teacher wrn_40_2
+--student wrn_16_2` gives the step time per method; a run is 187,440 steps). On the 2-core development
+CPU, from the README's `bench/models.py` images/s at batch 64:
+
+    wrn_40_2 fwd+bwd 37.5, fwd 226.1 img/s; wrn_16_2 fwd+bwd 118.0, fwd 794.4 img/s
+
+and a distillation step costing the student's forward+backward plus the teacher's forward, the 187,440
+steps of 64 images plus 240 evaluations of 10,000 take about 1.2 days for `ce` and 1.8 days for the
+distillation methods, plus the feature loss (at most 82 ms per step: NST over resnet32x4 -> resnet8x4's
+stage shapes, the widest here, README) and the teacher's own run if it is not trained yet: GPU jobs.
+
+Expected test accuracy (%, last epoch, one run), RepDistiller's CIFAR-100 table (nst-method.md §8), row
+wrn_40_2 -> wrn_16_2:
+
+| method | objective | expected |
+| --- | --- | --- |
+| `ce` | CE | 73.26 (student column) |
+| `kd` | 0.1 CE + 0.9 KD (T = 4) | 74.92 |
+| `fitnet` | CE + 100 FitNet | 73.58 |
+| `at` | CE + 1000 AT | 74.08 |
+| `nst` | CE + 50 NST (polynomial) | 73.68 |
+| `kd_nst` | 0.1 CE + 0.9 KD + 50 NST | no published number (RepDistiller never ran KD + NST) |
+
+Teacher: 75.61 (the same row's teacher column).
+"""
+
+from configs import _repdistiller
+
+METHODS = _repdistiller.METHODS
+
+
+def get_config(method: str = _repdistiller.DEFAULT_METHOD):
+  return _repdistiller.student_config("wrn_40_2", "wrn_16_2", method)

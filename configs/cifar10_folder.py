@@ -1,0 +1,47 @@
+"""CIFAR-10 from the shared image folder, step 2: resnet8 distilled from resnet20 with KD + NST.
+
+Command (from the repository root); it first trains the teacher (`configs/cifar10_folder_teacher.py`)
+in `workdirs/cifar10_folder_teacher` when that has no checkpoint yet:
+
+    python launch.py --config configs/cifar10_folder.py --workdir workdirs/cifar10_folder
+
+The config string picks another method for comparison, e.g. the plain resnet8 baseline (no teacher):
+
+    python launch.py --config configs/cifar10_folder.py:ce --workdir workdirs/cifar10_folder_ce
+
+Methods: `kd_nst` (the default), `kd` (CE + KD), `nst` (CE + 50 NST), `ce`.
+
+Data: as the teacher's (`configs/cifar10_folder_teacher.py`): `../shared/data/cifar10/train`, 20,000
+training images (the first 2,000 per class) and the 5,000 held-out validation images (the last 500 per
+class), 4-pixel pad + crop + flip, CIFAR-10's mean and std.
+
+Objective: the paper's best recipe, CE + 1.0 KD (T = 4; the official code's "KD weight 16 at T = 4")
++ 50 * NST (polynomial kernel, d = 2, c = 0) summed over `stage1`, `stage2`, `stage3`: both networks
+have widths 16 / 32 / 64 at 32 / 16 / 8 px, and the taps are the stage outputs after their final ReLU,
+as RepDistiller's NST row. The teacher uses its running BatchNorm statistics. Optimizer and schedule as
+the teacher's: SGD momentum 0.9, weight decay 5e-4, batch 64, lr 0.05 x0.1 at epochs 6 and 8 of 10.
+
+Runtime: about 9 minutes on the 2-core development CPU for this run, about 25 minutes with the
+teacher's run first; estimated, not measured. From the README's `bench/models.py` at batch 64, resnet8's
+forward+backward runs at 671 img/s and resnet20's forward at 1,063 img/s, so a distillation step of 64
+images takes about 0.16 s and the 3,120 steps about 8 minutes, plus 10 evaluations of 5,000 images
+(about 15 s), the teacher's one evaluation and the compilation. The shared CPU's other load slows it.
+
+Expected validation accuracy: unmeasured until the first run (no published number for this setup);
+the gain from distillation is the difference to the `ce` run (about 5 minutes more: no teacher).
+"""
+
+from configs import _common, cifar10_folder_teacher
+
+METHODS = ("kd_nst", "kd", "nst", "ce")
+
+_STAGES = [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
+
+
+def get_config(method: str = "kd_nst"):
+  config = cifar10_folder_teacher.get_config()
+  config.student.model = "resnet8"
+  if _common.set_method(config, method, METHODS, kd_weights=(1.0, 1.0), feature_layers=_STAGES,
+                        hint_layer=("stage2", "stage2")):
+    _common.use_teacher(config, "cifar10_folder_teacher", "resnet20")
+  return config

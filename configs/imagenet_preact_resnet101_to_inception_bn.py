@@ -1,0 +1,55 @@
+r"""The NST paper's ImageNet runs: preact_resnet101 -> inception_bn; the method is the config string.
+
+Command (from the repository root; METHOD is one of ce, kd, fitnet, at, nst, kd_fitnet, kd_at, kd_nst;
+without `:METHOD` the config is `kd_nst`; DIR holds the manually downloaded ILSVRC2012 tar files):
+
+    python launch.py --config configs/imagenet_preact_resnet101_to_inception_bn.py:METHOD \
+      --workdir workdirs/imagenet_preact_resnet101_to_inception_bn_METHOD --config.data.manual_dir=DIR
+
+Every method but `ce` distils from the teacher run in `workdirs/imagenet_preact_resnet101`. Train that
+first with its own command (`configs/imagenet_preact_resnet101.py`): a run that finds no teacher
+checkpoint trains the teacher from that file as it is, without this command's `data.manual_dir`.
+
+Data: TFDS `imagenet2012` streamed with tf.data (needs TensorFlow): random-resized crop to 224 + flip,
+resize 256 / centre crop 224 for evaluation on the 50,000 validation images; ImageNet's mean and std.
+
+Recipe: `configs/_paper.py`, the official NST recipe (nst-method.md §7): batch 512, Nesterov momentum
+0.9, weight decay 1e-4, lr 0.1 x0.1 at epochs 30 / 60 / 90, 100 epochs (250,200 steps); the teacher's
+BatchNorm on batch statistics, as the official code. KD: CE + 1.0 KD at T = 4 (the official "KD weight
+16 at T = 4"); NST: weight 50, polynomial kernel (d = 2, c = 0); FitNet 100 and AT 1000 (RepDistiller's
+weights; nst-method.md gives none for the paper's ImageNet runs).
+
+Layers: NST is the official single pair, the student's `in5b` (block 5b's pre-ReLU BatchNorm outputs,
+7 x 7 x 1024) against the teacher's `final_bn` (the final BatchNorm before the last ReLU, 7 x 7 x 2048).
+AT sums over that pair and the 14 x 14 one below it, `in4d` (608 channels) against the teacher's
+`stage3_preact` (1024), both pre-ReLU like the NST pair. FitNet regresses `in4d_relu` onto the teacher's
+`stage3_relu` (14 x 14; post-ReLU because the regressor ends in a ReLU). The student's first stage
+(27 px) has no teacher map of its size (56 / 28), so no pair uses it.
+
+Runtime: not measured (no 224 px step has been timed on any machine yet): an accelerator job; a step
+costs the student's forward+backward and the teacher's forward on 512 images, 250,200 steps.
+
+Expected validation error, top-1 / top-5 in % (accuracy in brackets), the paper's ImageNet rows
+(nst-method.md §8):
+
+| method | objective | expected |
+| --- | --- | --- |
+| `ce` | CE | 25.74 / 8.07 (74.26 / 91.93), row "student" |
+| `kd` | CE + KD | 24.56 / 7.35 (75.44 / 92.65) |
+| `fitnet` | CE + 100 FitNet | 25.30 / 7.93 (74.70 / 92.07) |
+| `at` | CE + 1000 AT | 25.10 / 7.61 (74.90 / 92.39) |
+| `nst` | CE + 50 NST | 24.82 / 7.58 (75.18 / 92.42) |
+| `kd_fitnet` | CE + KD + 100 FitNet | 24.48 / 7.27 (75.52 / 92.73) |
+| `kd_at` | CE + KD + 1000 AT | 24.64 / 7.26 (75.36 / 92.74) |
+| `kd_nst` | CE + KD + 50 NST | 24.34 / 7.11 (75.66 / 92.89) |
+
+Teacher: 22.68 / 6.58 (77.32 / 93.42).
+"""
+
+from configs import _paper
+
+METHODS = _paper.IMAGENET_METHODS
+
+
+def get_config(method: str = _paper.DEFAULT_METHOD):
+  return _paper.imagenet_student_config(method)
