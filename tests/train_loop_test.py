@@ -149,6 +149,15 @@ def test_non_finite_loss_stops_with_the_step_and_terms():
   train_loop._check_finite({"train_ce_loss": 2.3}, 7)
 
 
+def test_bfloat16_compute_with_pmap(tmp_path):
+  config = train_loop.load_config_file(str(ROOT / "configs" / "default.py"))
+  config.dtype, config.parallel = "bfloat16", "pmap"
+  config.schedule.epochs, config.schedule.batch_size, config.schedule.decay_epochs = 1, 64, ()
+  results = train_loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["finished"] and results["last_top1"] > 15.0  # one epoch of digits, well above chance
+  assert "8 device(s)" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_mock_tfds_cifar10_end_to_end(tmp_path):
   import tensorflow_datasets as tfds
 
