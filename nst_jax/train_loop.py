@@ -257,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         timer, timed_steps = time.perf_counter(), 0
       if epoch_end and (step // steps_per_epoch) % config.logging.eval_every_epochs == 0:
         epoch = step // steps_per_epoch
-        accuracy = evaluate(eval_student, train.student_variables(runner.get_replicated(state)), eval_pipe)
+        accuracy = evaluate(eval_student, train.student_variables(state), eval_pipe)
         results["epochs"].append({"epoch": epoch, "top1": accuracy["top1"], "top5": accuracy["top5"]})
         if accuracy["top1"] > results["best_top1"]:
           results["best_top1"], results["best_epoch"] = accuracy["top1"], epoch

@@ -152,9 +152,10 @@ def test_non_finite_loss_stops_with_the_step_and_terms():
 def test_bfloat16_compute_with_pmap(tmp_path):
   config = train_loop.load_config_file(str(ROOT / "configs" / "default.py"))
   config.dtype, config.parallel = "bfloat16", "pmap"
-  config.schedule.epochs, config.schedule.batch_size, config.schedule.decay_epochs = 1, 64, ()
+  config.schedule.epochs, config.schedule.batch_size, config.schedule.decay_epochs = 2, 64, (1,)
   results = train_loop.train_and_evaluate(config, str(tmp_path / "run"))
-  assert results["finished"] and results["last_top1"] > 15.0  # one epoch of digits, well above chance
+  # Two epochs of digits: well above chance (10 %) once the BatchNorm running statistics have settled.
+  assert results["finished"] and results["last_top1"] > 15.0
   assert "8 device(s)" in (tmp_path / "run" / "log.txt").read_text()
 
 
