@@ -20,7 +20,8 @@ forward+backward runs at 234 img/s at batch 64 there (README, `bench/models.py`)
 images take about 3 minutes, plus 30 evaluations of 359 images (about 10 s at 1,063 img/s) and the
 compilation.
 
-Expected validation accuracy: unmeasured until the first run (no published number for this setup).
+Expected validation accuracy: no published number for this setup. Measured once (seed 0, 2026-11-28, as
+the first half of `configs/digits_kd_nst.py`'s command): 97.49 % top-1 after 30 epochs (best 98.05 %).
 """
 
 from configs import _common

@@ -21,7 +21,9 @@ forward+backward runs at 671 img/s and resnet20's forward at 1,063 img/s, so a d
 images takes about 0.16 s and the 660 steps about 1.8 minutes, plus evaluations and compilation (the
 NST terms on these small maps cost little next to the two networks).
 
-Expected validation accuracy: unmeasured until the first run (no published number for this setup).
+Expected validation accuracy: no published number for this setup. Measured once (seed 0, 2026-11-28):
+98.05 % top-1 after 30 epochs (best 98.33 %), teacher 97.49 %; 5 min 18 s for teacher and student
+together. No CE-only resnet8 run was made, so this does not show a distillation gain.
 """
 
 from configs import _common
