@@ -243,7 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step += 1
       timed_steps += 1
       epoch_end = step % steps_per_epoch == 0
-      if step % config.logging.log_every_steps == 0 or epoch_end or ckpt.should_save(step):
+      # Asked once per step: in multi-host runs this is also the preemption sync point.
+      save_step = ckpt.should_save(step)
+      if step % config.logging.log_every_steps == 0 or epoch_end or save_step:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(metrics, step)
         elapsed = time.perf_counter() - timer
@@ -267,8 +269,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.scalar("eval_accuracy", accuracy["top1"], step)
           writer.scalar("eval_top5_accuracy", accuracy["top5"], step)
       preempted = checkpoints.preemption_requested()
-      ckpt.save(step, _checkpoint_tree(runner.get_replicated(state), rng),
-                {"step": step, "results": results}, force=preempted or step == total_steps)
+      if save_step or preempted or step == total_steps:
+        # Only on save steps: under pmap, taking one replica of the state is a device op per leaf.
+        ckpt.save(step, _checkpoint_tree(runner.get_replicated(state), rng),
+                  {"step": step, "results": results}, force=preempted or step == total_steps)
       if preempted:
         log(f"SIGTERM: saved step {step} and stopping; run the same command to resume")
         break
