@@ -6,6 +6,8 @@ Despite the file name this is a standard post-activation ResNet (He et al. 2015)
 x4 = 256 / 512 / 1024 / 2048) and first strides 1 / 2 / 2 / 2, global average pooling and a linear
 classifier. A bottleneck is 1x1 - BN - ReLU - 3x3 (stride) - BN - ReLU - 1x1 - BN, plus a shortcut
 (identity, or 1x1 strided conv + BN when the shape changes), then ReLU. The stride sits on the 3x3 conv.
+The network is `residual.ResNet` with the "cifar" stem and `residual.Bottleneck`s (torchvision's module
+names: RepDistiller's `shortcut` is `downsample_*` and its `linear` is `fc` here).
 23,705,252 parameters with num_classes=100. RepDistiller's optional zero-initialised last BatchNorm
 (`zero_init_residual`) is off by default there and is not reproduced.
 
@@ -20,88 +22,13 @@ Feature taps (`features` dict), following RepDistiller's `is_feat=True, preact=T
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from nst_jax.models import layers
-
-Dtype = Any
-
-_EXPANSION = 4
-
-
-class Bottleneck(nn.Module):
-  """One bottleneck block; returns (output, residual sum before the final ReLU).
-
-  Owns the block's three convolutions and BatchNorms and, when the shape changes, the projection shortcut.
-  """
-
-  width: int
-  strides: int = 1
-  dtype: Dtype = jnp.float32
-  axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    out_features = self.width * _EXPANSION
-    conv = functools.partial(layers.Conv, dtype=self.dtype)
-    norm = functools.partial(layers.BatchNorm, dtype=self.dtype, axis_name=self.axis_name)
-
-    y = conv(self.width, kernel_size=1, name="conv1")(x)
-    y = nn.relu(norm(name="bn1")(y, train))
-    y = conv(self.width, kernel_size=3, strides=self.strides, name="conv2")(y)
-    y = nn.relu(norm(name="bn2")(y, train))
-    y = conv(out_features, kernel_size=1, name="conv3")(y)
-    y = norm(name="bn3")(y, train)
-
-    shortcut = x
-    if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = conv(out_features, kernel_size=1, strides=self.strides, name="shortcut_conv")(x)
-      shortcut = norm(name="shortcut_bn")(shortcut, train)
-    preact = y + shortcut
-    return nn.relu(preact), preact
-
-
-class ResNet(nn.Module):
-  """RepDistiller's resnetv2.ResNet with bottleneck blocks: 3x3 stem, four stages, pool, classifier.
-
-  `width` is the first stage's bottleneck width (64 in RepDistiller; stage i uses width * 2**(i-1)).
-  """
-
-  num_classes: int
-  stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
-  width: int = 64
-  dtype: Dtype = jnp.float32
-  axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    features = {}
-    x = layers.Conv(self.width, kernel_size=3, dtype=self.dtype, name="stem_conv")(x)
-    x = nn.relu(layers.BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="stem_bn")(x, train))
-    features["stem"] = x
-
-    for i, size in enumerate(self.stage_sizes):
-      for j in range(size):
-        x, preact = Bottleneck(
-            width=self.width * 2**i,
-            strides=2 if i > 0 and j == 0 else 1,
-            dtype=self.dtype,
-            axis_name=self.axis_name,
-            name=f"stage{i + 1}_block{j}",
-        )(x, train)
-      features[f"stage{i + 1}"] = x
-      features[f"stage{i + 1}_preact"] = preact
-
-    x = layers.global_avg_pool(x)
-    features["pooled"] = x
-    logits = layers.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
-    return logits, features
-
+from nst_jax.models import residual
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     # RepDistiller's ResNet50 = ResNet(Bottleneck, [3, 4, 6, 3]).
-    "ResNet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), width=64),
+    "ResNet50": functools.partial(residual.ResNet, block=residual.Bottleneck, stage_sizes=(3, 4, 6, 3),
+                                  stage_features=(64, 128, 256, 512), stem_features=64, stem="cifar"),
 }

@@ -7,7 +7,7 @@ weight transfer the Flax model reproduced that re-statement's logits and every t
 `preact=True` ones) to <1e-6 (eval) / 6e-5 (train) relative error.
 
 ResNet-50 itself is only traced (jax.eval_shape) to keep this file fast; the numerical checks run the
-same `ResNet` class with one block per stage and width 4.
+same `residual.ResNet` body with one bottleneck per stage and width 4.
 """
 
 import jax
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nst_jax.models import resnetv2
+from nst_jax.models import residual, resnetv2
 from tests.models import model_testing
 
 PARAM_COUNT = 23_705_252  # PyTorch re-statement of RepDistiller's ResNet50, num_classes=100.
@@ -50,7 +50,8 @@ TINY_TAP_SHAPES = {
 
 
 def _tiny(**kwargs):
-  return resnetv2.ResNet(num_classes=10, stage_sizes=(1, 1, 1, 1), width=4, **kwargs)
+  return residual.ResNet(block=residual.Bottleneck, stage_sizes=(1, 1, 1, 1), stage_features=(4, 8, 16, 32),
+                         stem_features=4, num_classes=10, **kwargs)
 
 
 def test_registry_names():
@@ -61,22 +62,22 @@ def test_shapes_and_param_count():
   model = resnetv2.MODELS["ResNet50"](num_classes=100)
   variables = model_testing.check_trace(model, PARAM_COUNT, (2, 100), TAP_SHAPES)
   params = variables["params"]
-  assert sorted(k for k in params if k.startswith("stage")) == sorted(
-      f"stage{i + 1}_block{j}" for i, n in enumerate((3, 4, 6, 3)) for j in range(n))
+  assert sorted(k for k in params if k.startswith("layer")) == sorted(
+      f"layer{i + 1}_{j}" for i, n in enumerate((3, 4, 6, 3)) for j in range(n))
   # Projection shortcuts exactly where RepDistiller has them: every stage's first block (stage 1's
   # too, 64 -> 256 channels at stride 1), nowhere else.
-  with_shortcut = sorted(k for k in params if "shortcut_conv" in params.get(k, {}))
-  assert with_shortcut == ["stage1_block0", "stage2_block0", "stage3_block0", "stage4_block0"]
-  assert params["stem_conv"]["Conv_0"]["kernel"].shape == (3, 3, 3, 64)
-  assert params["stage1_block0"]["shortcut_conv"]["Conv_0"]["kernel"].shape == (1, 1, 64, 256)
-  assert params["stage3_block0"]["conv2"]["Conv_0"]["kernel"].shape == (3, 3, 256, 256)
-  assert params["classifier"]["Dense_0"]["kernel"].shape == (2048, 100)
+  with_shortcut = sorted(k for k in params if "downsample_conv" in params.get(k, {}))
+  assert with_shortcut == ["layer1_0", "layer2_0", "layer3_0", "layer4_0"]
+  assert params["conv1"]["Conv_0"]["kernel"].shape == (3, 3, 3, 64)
+  assert params["layer1_0"]["downsample_conv"]["Conv_0"]["kernel"].shape == (1, 1, 64, 256)
+  assert params["layer3_0"]["conv2"]["Conv_0"]["kernel"].shape == (3, 3, 256, 256)
+  assert params["fc"]["Dense_0"]["kernel"].shape == (2048, 100)
 
 
 def test_bottleneck_matches_numpy():
   # A strided block with projection shortcut: 1x1 - BN - ReLU - 3x3/2 - BN - ReLU - 1x1 - BN, plus
   # 1x1/2 conv - BN; the stride sits on the 3x3 conv.
-  block = resnetv2.Bottleneck(width=4, strides=2)
+  block = residual.Bottleneck(features=4, strides=2)
   x = model_testing.images(seed=3, size=8, channels=8)
   variables = model_testing.numpy_variables(block, x)
   out, preact = block.apply(variables, x, train=False)
@@ -91,14 +92,14 @@ def test_bottleneck_matches_numpy():
 
   y = np.maximum(conv_bn("1", x), 0)
   y = np.maximum(conv_bn("2", y, stride=2), 0)
-  expected = conv_bn("3", y) + conv_bn("shortcut", x, stride=2)
+  expected = conv_bn("3", y) + conv_bn("downsample", x, stride=2)
   np.testing.assert_allclose(preact, expected, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(out, np.maximum(preact, 0))
   assert out.shape == (2, 4, 4, 16)
 
 
 def test_identity_shortcut_when_shape_is_kept():
-  block = resnetv2.Bottleneck(width=4, strides=1)
+  block = residual.Bottleneck(features=4, strides=1)
   x = model_testing.images(seed=4, size=4, channels=16)
   variables = model_testing.numpy_variables(block, x)
   assert sorted(variables["params"]) == ["bn1", "bn2", "bn3", "conv1", "conv2", "conv3"]
@@ -117,7 +118,7 @@ def tiny():
 
 
 def _stem_conv(run):
-  return model_testing.conv_nhwc(run["x"], run["variables"]["params"]["stem_conv"]["Conv_0"]["kernel"])
+  return model_testing.conv_nhwc(run["x"], run["variables"]["params"]["conv1"]["Conv_0"]["kernel"])
 
 
 def test_tiny_shapes(tiny):
@@ -127,12 +128,12 @@ def test_tiny_shapes(tiny):
 
 
 def test_eval_uses_running_stats_and_leaves_them(tiny):
-  logits, features = model_testing.check_stem_batch_norm(tiny, False, "stem_bn", _stem_conv(tiny))
+  logits, features = model_testing.check_stem_batch_norm(tiny, False, "bn1", _stem_conv(tiny))
   _check_taps(features, logits, tiny["variables"])
 
 
 def test_train_uses_batch_stats_and_updates_them(tiny):
-  logits, features = model_testing.check_stem_batch_norm(tiny, True, "stem_bn", _stem_conv(tiny),
+  logits, features = model_testing.check_stem_batch_norm(tiny, True, "bn1", _stem_conv(tiny),
                                                          var_rtol=2e-3, every_bn_moves=True)
   _check_taps(features, logits, tiny["variables"])
 
@@ -140,7 +141,7 @@ def test_train_uses_batch_stats_and_updates_them(tiny):
 def _check_taps(features, logits, variables):
   for i in (1, 2, 3, 4):
     model_testing.check_relu(features, f"stage{i}_preact", f"stage{i}")
-  model_testing.check_head(features, logits, variables, last="stage4", fc="classifier", atol=1e-4)
+  model_testing.check_head(features, logits, variables, last="stage4", fc="fc", atol=1e-4)
 
 
 def test_bfloat16_activations_float32_params(tiny):
