@@ -38,13 +38,14 @@ replicated and every row is a pure function of (seed, step, row). No host-to-hos
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from nst_jax import parallel
 from nst_jax.data.sources import ArrayDataset
 
 AUGMENTATIONS = ("none", "cifar")
@@ -61,9 +62,63 @@ def random_crop_flip(image: jax.Array, key: jax.Array, pad: int) -> jax.Array:
   return jnp.where(jax.random.bernoulli(key_flip), crop[:, ::-1], crop)
 
 
-def _normalize(images: jax.Array, mean: np.ndarray, std: np.ndarray, dtype) -> jax.Array:
+def stream_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(order key, augmentation key) of a training stream: two streams, so that epoch 3's order and step
+  3's augmentation are not drawn from one key.
+
+  Call it inside traced functions: a key array captured from outside would be committed to one device,
+  which a program over a multi-device (or multi-host) mesh cannot use.
+  """
+  order_key, augment_key = jax.random.split(jax.random.key(seed))
+  return order_key, augment_key
+
+
+def cifar_augment(images: jax.Array, seed: int, step: jax.Array, first_row: jax.Array, pad: int) -> jax.Array:
+  """`random_crop_flip` of rows `first_row, first_row + 1, ...` of step `step`'s global batch.
+
+  Row i gets the key fold_in(fold_in(augment key, step), i) wherever it is computed, so a batch does
+  not depend on the number of devices or processes that compute it.
+  """
+  step_key = jax.random.fold_in(stream_keys(seed)[1], step)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, first_row + jnp.arange(len(images)))
+  return jax.vmap(random_crop_flip, in_axes=(0, 0, None))(images, keys, pad)
+
+
+def normalize(images: jax.Array, mean: np.ndarray, std: np.ndarray, dtype) -> jax.Array:
+  """(x / 255 - mean) / std per channel, from pixels in 0..255 (any dtype)."""
   x = images.astype(jnp.float32) * (1.0 / 255.0)
   return ((x - mean) / std).astype(dtype)
+
+
+def channel_constants(values: Sequence[float] | None, default: float, channels: int, name: str) -> np.ndarray:
+  """Per-channel mean or std as a float32 vector of length `channels` (one value is broadcast)."""
+  out = np.asarray(default if values is None else values, np.float32).reshape(-1)
+  if out.size not in (1, channels):
+    raise ValueError(f"{name} has {out.size} values for images with {channels} channels; give one per "
+                     "channel (or one for all).")
+  out = np.broadcast_to(out, (channels,))
+  if name == "std" and np.any(out <= 0):
+    raise ValueError(f"std must be positive, got {out}.")
+  return out
+
+
+def per_shard(rows_fn: Callable, mesh: Mesh | None, axis: str, in_specs, device: jax.Device | None = None):
+  """jit of rows_fn(shard, num_shards, *args) -> this shard's rows, returned as one global batch.
+
+  Under shard_map every device computes only its own rows, from its copy (replicated specs) or its
+  shard (batch specs) of the inputs, so the program has no collectives by construction, and with a
+  mesh over several processes each process computes only its own devices' rows. (Left to the SPMD
+  partitioner, the evaluation gather became an all-gather across devices: cross-host traffic on a
+  multi-host mesh, and it hung 8 fake CPU devices when several such programs were in flight.)
+  `mesh=None`: one device, `device` (default: the first).
+  """
+  if mesh is None:
+    sharding = SingleDeviceSharding(device or jax.devices()[0])
+    return jax.jit(lambda *args: rows_fn(0, 1, *args), out_shardings=sharding)
+  num_shards = mesh.shape[axis]
+  fn = jax.shard_map(lambda *args: rows_fn(jax.lax.axis_index(axis), num_shards, *args), mesh=mesh,
+                     in_specs=in_specs, out_specs=PartitionSpec(axis))
+  return jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec(axis)))
 
 
 class DevicePipeline:
@@ -100,11 +155,11 @@ class DevicePipeline:
   ):
     if augment not in AUGMENTATIONS:
       raise ValueError(f"Unknown augmentation {augment!r}. Valid: {', '.join(AUGMENTATIONS)}.")
+    if mesh is not None and axis not in mesh.axis_names:
+      raise ValueError(f"The mesh has axes {mesh.axis_names}; the batch axis {axis!r} is not one of them.")
     channels = dataset.images.shape[-1]
-    self.mean = np.broadcast_to(np.asarray(0.0 if mean is None else mean, np.float32), (channels,))
-    self.std = np.broadcast_to(np.asarray(1.0 if std is None else std, np.float32), (channels,))
-    if np.any(self.std <= 0):
-      raise ValueError(f"std must be positive, got {self.std}.")
+    self.mean = channel_constants(mean, 0.0, channels, "mean")
+    self.std = channel_constants(std, 1.0, channels, "std")
     self.dataset = dataset
     self.seed = int(seed)
     self.augment = augment
@@ -112,72 +167,38 @@ class DevicePipeline:
     self.pad = pad
     self.mesh = mesh
     self.axis = axis
-
-    if mesh is None:
-      device = device or jax.devices()[0]
-      self._replicated = self._batch_sharding = SingleDeviceSharding(device)
-      self._num_shards = 1
-    else:
-      if axis not in mesh.axis_names:
-        raise ValueError(f"The mesh has axes {mesh.axis_names}; the batch axis {axis!r} is not one of them.")
-      self._replicated = NamedSharding(mesh, PartitionSpec())
-      self._batch_sharding = NamedSharding(mesh, PartitionSpec(axis))
-      self._num_shards = mesh.shape[axis]
-    self.global_batch = self._check_batch(global_batch)
+    self._num_shards = 1 if mesh is None else mesh.shape[axis]
+    parallel.check_global_batch(global_batch, self._num_shards)
+    self.global_batch = int(global_batch)
     self.steps_per_epoch = len(dataset) // self.global_batch
 
     # Placed once. make_array_from_process_local_data with a replicated sharding is the multi-host-safe
     # form of device_put: every process passes the same full arrays and keeps its own devices' copies.
     if mesh is None:
+      self._replicated = SingleDeviceSharding(device or jax.devices()[0])
       self._images = jax.device_put(dataset.images, self._replicated)
       self._labels = jax.device_put(dataset.labels, self._replicated)
     else:
+      self._replicated = NamedSharding(mesh, PartitionSpec())
       self._images = jax.make_array_from_process_local_data(self._replicated, dataset.images)
       self._labels = jax.make_array_from_process_local_data(self._replicated, dataset.labels)
 
+    self._shard_fn = functools.partial(per_shard, mesh=mesh, axis=axis, in_specs=PartitionSpec(),
+                                       device=device)
     self._permutation_fn = jax.jit(self._permutation, out_shardings=self._replicated)
-    self._train_fn = self._per_shard(self._train_rows)
+    self._train_fn = self._shard_fn(self._train_rows)
     self._eval_fns = {}
     self._cached_order = (None, None)  # (epoch, permutation): one permutation per epoch, not per step.
 
-  def _check_batch(self, global_batch: int) -> int:
-    if global_batch < 1 or global_batch % self._num_shards:
-      raise ValueError(
-        f"The global batch ({global_batch}) must be a positive multiple of the number of devices along "
-        f"the {self.axis!r} mesh axis ({self._num_shards})."
-      )
-    return int(global_batch)
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.dataset.image_shape
 
   # --------------------------------------------------------------------------------------------------
   # Training batches.
 
-  def _keys(self) -> tuple[jax.Array, jax.Array]:
-    # Made inside the traced functions from the integer seed: a key array captured from outside would
-    # be committed to one device, which a program over a multi-device (or multi-host) mesh cannot use.
-    order_key, augment_key = jax.random.split(jax.random.key(self.seed))
-    return order_key, augment_key
-
-  def _per_shard(self, rows_fn):
-    """jit of rows_fn(shard, num_shards, *replicated_args) -> this shard's rows, as a global batch.
-
-    Under shard_map every device computes only its own rows from its replicated copy of the data, so
-    the program has no collectives by construction. (Left to the SPMD partitioner, the evaluation
-    gather became an all-gather across devices: cross-host traffic on a multi-host mesh, and it hung
-    8 fake CPU devices when several such programs were in flight.)
-    """
-    if self.mesh is None:
-      fn = lambda *args: rows_fn(0, 1, *args)
-    else:
-      fn = jax.shard_map(
-        lambda *args: rows_fn(jax.lax.axis_index(self.axis), self._num_shards, *args),
-        mesh=self.mesh,
-        in_specs=PartitionSpec(),
-        out_specs=PartitionSpec(self.axis),
-      )
-    return jax.jit(fn, out_shardings=self._batch_sharding)
-
   def _permutation(self, epoch):
-    return jax.random.permutation(jax.random.fold_in(self._keys()[0], epoch), len(self.dataset))
+    return jax.random.permutation(jax.random.fold_in(stream_keys(self.seed)[0], epoch), len(self.dataset))
 
   def _train_rows(self, shard, num_shards, images, labels, order, position, step) -> Batch:
     rows = self.global_batch // num_shards
@@ -185,12 +206,8 @@ class DevicePipeline:
     index = jax.lax.dynamic_slice_in_dim(order, position * self.global_batch + first, rows)
     x, y = jnp.take(images, index, axis=0), jnp.take(labels, index, axis=0)
     if self.augment == "cifar":
-      # Example i of the global batch gets fold_in(fold_in(k_augment, step), i) wherever it is computed,
-      # so the batch does not depend on the number of devices.
-      step_key = jax.random.fold_in(self._keys()[1], step)
-      keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, first + jnp.arange(rows))
-      x = jax.vmap(random_crop_flip, in_axes=(0, 0, None))(x, keys, self.pad)
-    return {"image": _normalize(x, self.mean, self.std, self.dtype), "label": y}
+      x = cifar_augment(x, self.seed, step, first, self.pad)
+    return {"image": normalize(x, self.mean, self.std, self.dtype), "label": y}
 
   def epoch_order(self, epoch: int) -> jax.Array:
     """The dataset indices in the order epoch `epoch` visits them (before dropping the remainder)."""
@@ -207,8 +224,8 @@ class DevicePipeline:
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
     epoch, position = divmod(int(step), self.steps_per_epoch)
-    # int32 scalars: one compiled program for every step (Python ints would be weakly typed but fine
-    # too; explicit dtypes keep the cache key obvious).
+    # int32 scalars: one compiled program for every step. They are the same on every process, which is
+    # what a program over a multi-process mesh requires of host inputs.
     return self._train_fn(
       self._images, self._labels, self.epoch_order(epoch), np.int32(position), np.int32(step)
     )
@@ -228,7 +245,7 @@ class DevicePipeline:
     index = start + shard * rows + jnp.arange(rows)
     valid = index < len(self.dataset)
     index = jnp.where(valid, index, 0)
-    x = _normalize(jnp.take(images, index, axis=0), self.mean, self.std, self.dtype)
+    x = normalize(jnp.take(images, index, axis=0), self.mean, self.std, self.dtype)
     x = jnp.where(valid[:, None, None, None], x, jnp.zeros((), self.dtype))
     y = jnp.where(valid, jnp.take(labels, index, axis=0), 0)
     return {"image": x, "label": y, "mask": valid.astype(jnp.float32)}
@@ -241,8 +258,9 @@ class DevicePipeline:
 
     Every batch has the full size; the last one is padded with zero images, label 0 and mask 0.
     """
-    b = self._check_batch(global_batch or self.global_batch)
+    b = global_batch or self.global_batch
+    parallel.check_global_batch(b, self._num_shards)
     if b not in self._eval_fns:
-      self._eval_fns[b] = self._per_shard(functools.partial(self._eval_rows, batch=b))
+      self._eval_fns[b] = self._shard_fn(functools.partial(self._eval_rows, batch=b))
     for i in range(self.num_eval_batches(b)):
       yield self._eval_fns[b](self._images, self._labels, np.int32(i * b))

@@ -196,21 +196,33 @@ def _list_image_folder(root: pathlib.Path) -> tuple[list[str], list[list[str]]]:
   return classes, files
 
 
+def _decode(path: pathlib.Path, mode: str) -> np.ndarray:
+  """One image file as a uint8 (H, W, C) array in Pillow mode `mode` ("RGB" or "L")."""
+  from PIL import Image  # Lazy: only image folders need Pillow.
+
+  with Image.open(path) as im:
+    arr = np.asarray(im.convert(mode))
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _parallel_map(fn: Callable[[int], None], n: int, workers: int | None):
+  """fn(0), ..., fn(n - 1) on a thread pool; re-raises the first error."""
+  # Pillow releases the GIL while decoding, so threads overlap file reads and decoding.
+  workers = workers or min(16, 2 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    # Chunked so that scheduling overhead stays small next to 32x32 decodes.
+    chunks = [range(s, min(s + 256, n)) for s in range(0, n, 256)]
+    for _ in pool.map(lambda r: [fn(i) for i in r], chunks):
+      pass
+
+
 def _decode_images(paths: list[pathlib.Path], mode: str, workers: int | None) -> np.ndarray:
   """Decodes `paths` with Pillow into one uint8 (N, H, W, C) array; all images must share one size."""
-  from PIL import Image  # Lazy: only this source needs Pillow.
-
-  def decode(path):
-    with Image.open(path) as im:
-      return np.asarray(im.convert(mode))
-
-  first = decode(paths[0])
-  first = first[..., None] if first.ndim == 2 else first
+  first = _decode(paths[0], mode)
   out = np.empty((len(paths), *first.shape), np.uint8)
 
   def fill(i):
-    arr = decode(paths[i])
-    arr = arr[..., None] if arr.ndim == 2 else arr
+    arr = _decode(paths[i], mode)
     if arr.shape != first.shape:
       raise ValueError(
         f"{paths[i]} is {arr.shape[1]}x{arr.shape[0]}, but {paths[0]} is "
@@ -218,14 +230,39 @@ def _decode_images(paths: list[pathlib.Path], mode: str, workers: int | None) ->
       )
     out[i] = arr
 
-  # Pillow releases the GIL while decoding, so threads overlap file reads and decoding.
-  workers = workers or min(16, 2 * (os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    # Chunked so that scheduling overhead stays small next to 32x32 decodes.
-    chunks = [range(s, min(s + 256, len(paths))) for s in range(0, len(paths), 256)]
-    for _ in pool.map(lambda r: [fill(i) for i in r], chunks):
-      pass
+  _parallel_map(fill, len(paths), workers)
   return out
+
+
+def read_labelled_images(
+  path: str | os.PathLike, class_names: Sequence[str], grayscale: bool = False, workers: int | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
+  """Every image of a class-folder tree `<path>/<class>/<image>`, labelled by class NAME.
+
+  For evaluating a trained run on new images: the label of `<path>/<c>/...` is the index of `c` in
+  `class_names` (the run's label set), so the folder may hold any subset of the classes, and images of
+  any sizes (returned as a list of uint8 (H, W, C) arrays, in class then file-name order, with the int32
+  labels). A class folder whose name is not in `class_names` is a ValueError naming it. Not cached.
+  """
+  root = pathlib.Path(path)
+  classes, files = _list_image_folder(root)
+  unknown = [c for c in classes if c not in class_names]
+  if unknown:
+    raise ValueError(
+      f"Image folder {str(root)!r} has class folder(s) {', '.join(map(repr, unknown))} that the run's label "
+      f"set does not have. Valid class names: {', '.join(class_names)}."
+    )
+  paths, labels = [], []
+  for c, names in zip(classes, files, strict=True):
+    paths += [root / c / n for n in names]
+    labels += [list(class_names).index(c)] * len(names)
+  images = [None] * len(paths)
+
+  def fill(i):
+    images[i] = _decode(paths[i], "L" if grayscale else "RGB")
+
+  _parallel_map(fill, len(paths), workers)
+  return images, np.asarray(labels, np.int32)
 
 
 def load_image_folder(
@@ -297,16 +334,47 @@ def load_image_folder(
 # TFDS
 
 
-def _tfds_missing_message(name: str, data_dir, err: BaseException | None) -> str:
+def _tfds_missing_message(name: str, data_dir, manual_dir, err: BaseException | None) -> str:
   where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-  reason = f" Download/prepare failed with: {type(err).__name__}: {err}." if err else ""
-  return (
-    f"TFDS dataset {name!r} is not prepared in {where} and could not be downloaded.{reason}\n"
-    f"To get it: on a machine with internet run\n"
-    f"    tfds build {name} --data_dir=DIR --file_format=array_record\n"
-    f"(array_record lets nst_jax read it without TensorFlow), copy DIR to this machine and pass "
-    f"data_dir=DIR (or set TFDS_DATA_DIR=DIR)."
-  )
+  reason = f" Preparing it failed with: {type(err).__name__}: {err}." if err else ""
+  if name.startswith("imagenet2012"):
+    how = (
+      "ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and "
+      "ILSVRC2012_img_val.tar (from image-net.org) in a directory MANUAL and pass manual_dir=MANUAL "
+      f"(currently {manual_dir!r}), or run `tfds build {name} --manual_dir=MANUAL --data_dir=DIR` and "
+      "pass data_dir=DIR."
+    )
+  else:
+    how = (
+      f"To get it: on a machine with internet run\n    tfds build {name} --data_dir=DIR "
+      "--file_format=array_record\n(array_record lets nst_jax read it without TensorFlow), copy DIR to "
+      "this machine and pass data_dir=DIR (or set TFDS_DATA_DIR=DIR)."
+    )
+  return f"TFDS dataset {name!r} is not prepared in {where} and could not be prepared.{reason}\n{how}"
+
+
+def prepared_tfds_builder(name: str, data_dir: str | None = None, manual_dir: str | None = None,
+                          download: bool = True):
+  """The TFDS builder of `name`, prepared (downloaded, or built from `manual_dir`) when it is not yet.
+
+  An unknown name is one line (TFDS's own error lists every registered dataset); a dataset that is
+  missing and cannot be prepared is a RuntimeError that says how to get it.
+  """
+  import tensorflow_datasets as tfds  # Lazy: only TFDS sources need it.
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f"TFDS has no dataset named {name!r} (tfds.list_builders() lists the ones it "
+                     "knows).") from None
+  if not builder.is_prepared():
+    if not download:
+      raise RuntimeError(_tfds_missing_message(name, data_dir, manual_dir, None))
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as err:  # Network, DNS, checksum, missing manual files: one actionable message.
+      raise RuntimeError(_tfds_missing_message(name, data_dir, manual_dir, err)) from err
+  return builder
 
 
 def _read_tfds_split(builder, split: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -348,16 +416,7 @@ def load_tfds(
   if cache and (cached := _read_cache(cache_file)) is not None:
     return cached
 
-  import tensorflow_datasets as tfds  # Lazy: a cached split needs no TFDS.
-
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    if not download:
-      raise RuntimeError(_tfds_missing_message(name, data_dir, None))
-    try:
-      builder.download_and_prepare()
-    except Exception as err:  # Network, DNS, checksum, manual-download errors: one actionable message.
-      raise RuntimeError(_tfds_missing_message(name, data_dir, err)) from err
+  builder = prepared_tfds_builder(name, data_dir, download=download)  # Lazy TFDS: a cached split needs none.
   images, labels = _read_tfds_split(builder, split, label_key)
   names = tuple(builder.info.features[label_key].names)
   ds = ArrayDataset(images, labels, len(names), names)

@@ -2,23 +2,27 @@
 
 `TfdsPipeline` reads one split of a TFDS dataset (`imagenet2012` from a manual download directory,
 `cifar10`, `cifar100`, or any image-classification dataset with `image` and `label` features), decodes
-and augments on the host with tf.data, and yields global batches as `jax.Array`s sharded along the
-mesh's `data` axis: the same `{'image', 'label'[, 'mask']}` dicts as `device_pipeline.DevicePipeline`,
-so a trainer can use either. TensorFlow and TFDS are imported only inside functions, so the rest of
-nst_jax imports and runs without them.
+(and, for ImageNet, crops) on the host with tf.data, and yields global batches as `jax.Array`s sharded
+along the mesh's `data` axis: the same `{'image', 'label'[, 'mask']}` dicts as
+`device_pipeline.DevicePipeline`, so a trainer can use either. TensorFlow and TFDS are imported only
+inside functions, so the rest of nst_jax imports and runs without them.
 
 * Per-host sharding: each process reads `tfds.split_for_jax_process(split)` (an even, disjoint part of
   the split) and produces its `global_batch / process_count` rows of every global batch; the arrays are
-  assembled with `jax.make_array_from_process_local_data`. Every host takes the same number of batches:
+  assembled with `jax.make_array_from_process_local_data`, so each process transfers only its own rows
+  to its own devices. Every host takes the same number of batches:
   `steps_per_epoch = (N // process_count) // local_batch`.
 * Preprocessing (`preprocess=`): `imagenet` (training: random-resized crop with scale (0.08, 1) and
   aspect ratio (3/4, 4/3) from TF's bounding-box sampler, falling back to the whole image, bilinear
   (antialiased) resize to `image_size`, horizontal flip with p = 0.5; evaluation: resize the shorter side
   to `resize_size` = 256 as torchvision does (longer side truncated), then centre crop `image_size` =
-  224); `cifar` (training: zero-pad 4, random crop, flip; evaluation: none); `none`. Then
-  `(x / 255 - mean) / std` per channel.
-* Determinism: epoch e is read with file and buffer shuffling seeded from (seed, e, process index), and
-  example i of the host's stream is augmented with the stateless seed (seed', i), so the stream is a
+  224), on the host; `cifar` (training: zero-pad 4, random crop, flip; evaluation: none), on the devices
+  with `device_pipeline.cifar_augment`, the in-memory pipeline's own function (uint8 pixels cross to the
+  devices, a quarter of the float32 bytes); `none`. Then `(x / 255 - mean) / std` per channel on the
+  devices (`device_pipeline.normalize`), each device on its own rows (`device_pipeline.per_shard`).
+* Determinism: epoch e is read with file and buffer shuffling seeded from (seed, e, process index); the
+  ImageNet crop of example i of the host's stream uses the stateless seed (seed', i), the cifar crop of
+  row r of step s the key fold_in(fold_in(k_augment, s), r) as in `device_pipeline`, so the stream is a
   function of the seed. Resume is exact too: `iterate(start_step)` rebuilds epoch `start_step //
   steps_per_epoch` and skips the consumed examples before decoding (they are still read, up to one
   epoch of records).
@@ -32,8 +36,12 @@ import math
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nst_jax import parallel
+from nst_jax.data import device_pipeline, sources
 
 PREPROCESSING = ("imagenet", "cifar", "none")
 
@@ -119,50 +127,8 @@ def resize_center_crop(image_bytes, image_size: int, resize_size: int, channels:
   return image[top : top + image_size, left : left + image_size]
 
 
-def pad_crop_flip(image_bytes, seed, channels: int = 3, pad: int = 4):
-  """CIFAR's zero-pad + random crop (original size) + flip: float32 (H, W, C) in 0..255."""
-  tf = _tf()
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  image = _decode(image_bytes, channels)
-  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-  crop = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
-  return tf.cast(tf.image.stateless_random_flip_left_right(crop, flip_seed), tf.float32)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The pipeline.
-
-
-def _missing_message(name, data_dir, manual_dir, err) -> str:
-  where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-  reason = f" Preparing it failed with: {type(err).__name__}: {err}." if err else ""
-  if name.startswith("imagenet2012"):
-    how = (
-      "ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar and "
-      "ILSVRC2012_img_val.tar (from image-net.org) in a directory MANUAL and pass manual_dir=MANUAL "
-      f"(currently {manual_dir!r}), or run `tfds build {name} --manual_dir=MANUAL --data_dir=DIR` and "
-      "pass data_dir=DIR."
-    )
-  else:
-    how = (
-      f"On a machine with internet run `tfds build {name} --data_dir=DIR`, copy DIR here and pass "
-      "data_dir=DIR (or set TFDS_DATA_DIR=DIR)."
-    )
-  return f"TFDS dataset {name!r} is not prepared in {where}.{reason}\n{how}"
-
-
-def _prepared_builder(name, data_dir, manual_dir, download):
-  import tensorflow_datasets as tfds
-
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    if not download:
-      raise RuntimeError(_missing_message(name, data_dir, manual_dir, None))
-    try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except Exception as err:  # Network, checksum, missing manual files: one actionable message.
-      raise RuntimeError(_missing_message(name, data_dir, manual_dir, err)) from err
-  return builder
 
 
 class TfdsPipeline:
@@ -186,6 +152,7 @@ class TfdsPipeline:
     process_index, process_count: this host's place (default: JAX's). Overriding them is for tests; with
       a mesh they must match JAX's.
     label_key, channels: the label feature and the decoded channel count.
+    pad: zero padding of the `cifar` crop.
   """
 
   def __init__(
@@ -212,37 +179,41 @@ class TfdsPipeline:
     process_count: int | None = None,
     label_key: str = "label",
     channels: int = 3,
+    pad: int = 4,
   ):
     if preprocess not in PREPROCESSING:
       raise ValueError(f"Unknown preprocessing {preprocess!r}. Valid: {', '.join(PREPROCESSING)}.")
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    num_shards = 1 if mesh is None else mesh.shape[axis]
-    if global_batch < 1 or global_batch % num_shards or global_batch % self.process_count:
-      raise ValueError(
-        f"The global batch ({global_batch}) must be a positive multiple of the number of devices along "
-        f"the {axis!r} mesh axis ({num_shards}) and of the number of processes ({self.process_count})."
-      )
+    parallel.check_global_batch(global_batch, 1 if mesh is None else mesh.shape[axis])
+    if global_batch % self.process_count:  # Implied by the device count on an even multi-process mesh.
+      raise ValueError(f"The global batch size {global_batch} does not divide by the {self.process_count} "
+                       "processes.")
     self.name, self.split, self.seed = name, split, int(seed)
     self.global_batch = global_batch
     self.local_batch = global_batch // self.process_count
     self.preprocess, self.image_size, self.resize_size = preprocess, image_size, resize_size
-    self.mean = np.broadcast_to(np.asarray(0.0 if mean is None else mean, np.float32), (channels,))
-    self.std = np.broadcast_to(np.asarray(1.0 if std is None else std, np.float32), (channels,))
-    self.dtype = np.dtype(dtype).name
+    self.mean = device_pipeline.channel_constants(mean, 0.0, channels, "mean")
+    self.std = device_pipeline.channel_constants(std, 1.0, channels, "std")
+    self.dtype = jnp.dtype(dtype)
     self.shuffle_buffer, self.device_prefetch = shuffle_buffer, device_prefetch
-    self.label_key, self.channels = label_key, channels
+    self.label_key, self.channels, self.pad = label_key, channels, pad
     self.mesh = mesh
     self._sharding = (
       NamedSharding(mesh, PartitionSpec(axis))
       if mesh is not None
       else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     )
+    # The device side of every batch: augmentation (cifar) and normalisation, each device on its own
+    # rows, the same code as `device_pipeline`.
+    batch, step = PartitionSpec(axis), PartitionSpec()
+    self._train_fn = device_pipeline.per_shard(self._train_rows, mesh, axis, (batch, batch, step))
+    self._eval_fn = device_pipeline.per_shard(self._eval_rows, mesh, axis, (batch, batch, batch))
 
     import tensorflow_datasets as tfds
 
     _tf()
-    self._builder = _prepared_builder(name, data_dir, manual_dir, download)
+    self._builder = sources.prepared_tfds_builder(name, data_dir, manual_dir, download)
     self._host_split = tfds.split_for_jax_process(
       split, process_index=self.process_index, process_count=self.process_count
     )
@@ -253,6 +224,23 @@ class TfdsPipeline:
   def num_classes(self) -> int:
     """The number of classes of the label feature."""
     return int(self._builder.info.features[self.label_key].num_classes)
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """The label feature's class names, in label order."""
+    return tuple(self._builder.info.features[self.label_key].names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """The (H, W, C) of the output images."""
+    if self.preprocess == "imagenet":
+      return (self.image_size, self.image_size, self.channels)
+    shape = tuple(self._builder.info.features["image"].shape[:2])
+    if None in shape:
+      raise ValueError(
+        f"{self.name!r} images have no fixed size {shape}: use preprocess='imagenet' to crop them."
+      )
+    return (*shape, self.channels)
 
   def _split_size(self, split) -> int:
     try:
@@ -272,16 +260,11 @@ class TfdsPipeline:
       read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, add_tfds_id=False),
     )
 
-  def _normalize(self, image):
-    tf = _tf()
-    x = (tf.cast(image, tf.float32) / 255.0 - self.mean) / self.std
-    return tf.cast(x, self.dtype)
-
   def _train_image(self, image_bytes, seed):
+    """Host-side pixels in 0..255: float32 crops for imagenet, the decoded uint8 image otherwise (the
+    cifar crop and flip are done on the devices)."""
     if self.preprocess == "imagenet":
       return random_resized_crop(image_bytes, seed, self.image_size, self.channels)
-    if self.preprocess == "cifar":
-      return pad_crop_flip(image_bytes, seed, self.channels)
     return _decode(image_bytes, self.channels)
 
   def _eval_image(self, image_bytes):
@@ -289,20 +272,23 @@ class TfdsPipeline:
       return resize_center_crop(image_bytes, self.image_size, self.resize_size, self.channels)
     return _decode(image_bytes, self.channels)
 
-  def _output_shape(self) -> tuple[int, int, int]:
-    if self.preprocess == "imagenet":
-      return (self.image_size, self.image_size, self.channels)
-    shape = tuple(self._builder.info.features["image"].shape[:2])
-    if None in shape:
-      raise ValueError(
-        f"{self.name!r} images have no fixed size {shape}: use preprocess='imagenet' to crop them."
-      )
-    return (*shape, self.channels)
+  def _train_rows(self, shard, num_shards, images, labels, step):
+    if self.preprocess == "cifar":
+      first = shard * (self.global_batch // num_shards)  # this shard's first row in the global batch
+      images = device_pipeline.cifar_augment(images, self.seed, step, first, self.pad)
+    return {"image": device_pipeline.normalize(images, self.mean, self.std, self.dtype), "label": labels}
+
+  def _eval_rows(self, shard, num_shards, images, labels, mask):
+    del shard, num_shards
+    x = device_pipeline.normalize(images, self.mean, self.std, self.dtype)
+    return {"image": jnp.where(mask[:, None, None, None] > 0, x, jnp.zeros((), self.dtype)),
+            "label": labels, "mask": mask}
 
   # --------------------------------------------------------------------------------------------------
 
   def train_dataset(self, epoch: int, skip_batches: int = 0):
-    """The tf.data pipeline of this host's part of epoch `epoch`, its first `skip_batches` skipped."""
+    """The tf.data pipeline of this host's part of epoch `epoch`, its first `skip_batches` skipped:
+    {'image': pixels in 0..255, 'label'} in local batches, before the device side."""
     tf = _tf()
     examples = self.steps_per_epoch * self.local_batch
     order_seed = _seed_int(self.seed, epoch, self.process_index, 0)
@@ -310,33 +296,32 @@ class TfdsPipeline:
     ds = self._read(self._host_split, shuffle_seed=order_seed)
     ds = ds.shuffle(self.shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
     ds = ds.take(examples).enumerate(start=epoch * examples).skip(skip_batches * self.local_batch)
-    shape = self._output_shape()
+    shape = self.image_shape
 
     def prepare(index, ex):
       image = self._train_image(ex["image"], tf.stack([tf.constant(augment_seed, tf.int64), index]))
-      return {
-        "image": tf.ensure_shape(self._normalize(image), shape),
-        "label": tf.cast(ex[self.label_key], tf.int32),
-      }
+      return {"image": tf.ensure_shape(image, shape), "label": tf.cast(ex[self.label_key], tf.int32)}
 
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(self.local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
   def eval_dataset(self):
-    """The tf.data pipeline of this host's part in order, padded to `num_eval_batches()` full batches."""
+    """The tf.data pipeline of this host's part in order, padded to `num_eval_batches()` full batches
+    (pixels in 0..255 with `mask`, before the device side)."""
     tf = _tf()
     total = self.num_eval_batches() * self.local_batch
-    shape = self._output_shape()
+    shape = self.image_shape
+    pixel_dtype = tf.float32 if self.preprocess == "imagenet" else tf.uint8
 
     def prepare(ex):
       return {
-        "image": tf.ensure_shape(self._normalize(self._eval_image(ex["image"])), shape),
+        "image": tf.ensure_shape(self._eval_image(ex["image"]), shape),
         "label": tf.cast(ex[self.label_key], tf.int32),
         "mask": tf.constant(1.0),
       }
 
     padding = tf.data.Dataset.from_tensors(
-      {"image": tf.zeros(shape, self.dtype), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+      {"image": tf.zeros(shape, pixel_dtype), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
     ).repeat()
     ds = self._read(self._host_split, shuffle_seed=None).take(total)
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -350,16 +335,19 @@ class TfdsPipeline:
 
   # --------------------------------------------------------------------------------------------------
 
-  def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  def _to_global(self, local: np.ndarray) -> jax.Array:
+    """This process's rows -> the global batch array: each process transfers only its own rows, to its
+    own devices (no process ever holds the whole global batch)."""
     if self.mesh is None:
       return jax.device_put(local, self._sharding)
-    return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in local.items()}
+    return jax.make_array_from_process_local_data(self._sharding, local)
 
-  def _prefetched(self, local_batches) -> Iterator[dict[str, jax.Array]]:
-    # Transfers are asynchronous: keeping a few in flight overlaps them with the train step.
+  def _prefetched(self, device_batches) -> Iterator[dict[str, jax.Array]]:
+    # Transfers and the device side are asynchronous: keeping a few in flight overlaps them with the
+    # train step.
     queue = collections.deque()
-    for local in local_batches:
-      queue.append(self._to_global(local))
+    for batch in device_batches:
+      queue.append(batch)
       if len(queue) > self.device_prefetch:
         yield queue.popleft()
     while queue:
@@ -386,10 +374,18 @@ class TfdsPipeline:
         yield from tfds.as_numpy(ds)
         epoch, skip = epoch + 1, 0
 
-    return self._prefetched(local_batches())
+    def device_batches():
+      for step, local in enumerate(local_batches(), start=start_step):
+        # The step is a host scalar, the same on every process (the augmentation keys depend on it).
+        yield self._train_fn(self._to_global(local["image"]), self._to_global(local["label"]), np.int32(step))
+
+    return self._prefetched(device_batches())
 
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """Global evaluation batches with `mask`, the split in order (per host), the last ones padded."""
     import tensorflow_datasets as tfds
 
-    return self._prefetched(tfds.as_numpy(self.eval_dataset()))
+    return self._prefetched(
+      self._eval_fn(*(self._to_global(local[k]) for k in ("image", "label", "mask")))
+      for local in tfds.as_numpy(self.eval_dataset())
+    )
