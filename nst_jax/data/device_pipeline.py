@@ -26,6 +26,9 @@ crop back to the original size with a uniform offset in [0, 8] per axis, horizon
 the zero padding is black in pixel space, before normalisation, as in torchvision). Normalisation is
 `(x / 255 - mean) / std` per channel, with mean/std in 0..1 units (see `sources.MEAN_STD`).
 
+The pieces are module functions that the tf.data pipeline uses too: `cifar_augment`, `normalize` and
+`per_shard` (a jitted program in which every device makes only its own rows).
+
 Evaluation: `eval_batches()` walks the split in order; the last batch is padded to full size with
 all-zero images, label 0 and `mask` 0 (1 for real examples), so metrics summed with the mask and divided
 by the mask's sum are exact.

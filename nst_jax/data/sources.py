@@ -17,7 +17,11 @@ about devices or augmentation (see `device_pipeline`). Sources:
 * `cifar10` / `cifar100`: the TFDS datasets (any TFDS split string, e.g. `train`, `test`,
   `train[:45000]`), read once into arrays through `tfds.data_source` when the data was prepared as
   array_record (no TensorFlow needed) or else `tfds.as_numpy` of the whole split (TensorFlow needed).
-  `load_tfds` does the same for any TFDS image-classification dataset.
+  `load_tfds` does the same for any TFDS image-classification dataset; `prepared_tfds_builder` (shared
+  with the tf.data pipeline) prepares a TFDS builder or says in one message how to get the data.
+
+`read_labelled_images(path, class_names)` reads a class-folder tree of any image sizes for evaluation,
+labelling each image by the index of its class NAME in a run's label set.
 
 Decoded `image_folder` and TFDS splits are cached as `.npz` files under `cache_dir` (default
 `$NST_JAX_CACHE_DIR` or `~/.cache/nst_jax`), keyed by the path or data_dir and every option that changes
