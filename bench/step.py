@@ -16,11 +16,11 @@ The teacher's variables come from `jax.jit(teacher.init)` (random weights: timin
 * kd+nst: 0.1 CE + 0.9 KD + 50 NST.
 
 Columns: "compile s" is tracing, lowering and XLA compilation of the step (`.lower(...).compile()` of
-the same jitted program the Runner builds; the Runner's first call then loads it from a persistent
-compilation cache in a temporary directory, "1st call s"); "median ms" / "min ms" are over `--steps`
-calls after `--warmup` calls, each timed to `jax.block_until_ready` of the new state and the metrics,
-with the batch already on the devices (with --parallel pmap the Runner reshapes and transfers the host
-batch on every call, so that is timed too); "img/s" is the global batch over the median. Memory is XLA's
+the program `Runner.compile_train` returns, which the training loop runs; its first call then loads it
+from a persistent compilation cache in a temporary directory, "1st call s"); "median ms" / "min ms" are
+over `--steps` calls after `--warmup` calls, each timed to `jax.block_until_ready` of the new state and
+the metrics, with the batch already on the devices in the mode's layout; "img/s" is the global batch
+over the median. Memory is XLA's
 `memory_analysis()` of the compiled step, per device: "temp MiB" the temporaries, "XLA MiB" arguments +
 outputs - aliased (donated state) + temporaries, i.e. every buffer the program's allocation plan holds
 at once, an upper bound on its live memory (XLA:CPU has no allocator statistics). On a GPU, "dev peak
@@ -57,7 +57,7 @@ MIB = 2.0**20
 
 
 def build(method, args, runner, sample):
-  """(step function, the same program jitted for AOT, state, teacher variables) for one method."""
+  """(the step program the training loop uses, state, teacher variables) for one method."""
   obj = OBJECTIVES[method]
   axis = runner.axis_name
   student = models.get_model(args.student, num_classes=NUM_CLASSES, axis_name=axis)
@@ -78,38 +78,26 @@ def build(method, args, runner, sample):
   lr = train.step_schedule(0.05, steps_per_epoch=50_000 // args.batch, decay_epochs=(150, 180, 210),
                            decay_factor=0.1)
   tx = train.make_optimizer(lr, momentum=0.9, nesterov=False, weight_decay=5e-4)
-  state = jax.jit(lambda key: train.create_train_state(mdl, tx, sample, key))(jax.random.key(0))
-  body = train.train_body(mdl, obj, lr)
-  return runner.compile_train(body), aot_program(runner, body), runner.put_replicated(state), \
+  state = jax.jit(lambda key: train.create_train_state(student, tx, sample, key))(jax.random.key(0))
+  return runner.compile_train(train.train_body(mdl, obj, lr)), runner.put_replicated(state), \
       runner.put_replicated(t_vars)
-
-
-def aot_program(runner, body):
-  """The jitted (or pmapped) step exactly as `Runner.compile_train` builds it, for `.lower().compile()`."""
-  if runner.mode == "jit":
-    rep, shard = parallel.replicated(runner.mesh), parallel.batch_sharded(runner.mesh)
-    return jax.jit(lambda s, t, b, r: body(s, t, b, r, None), in_shardings=(rep, rep, shard, rep),
-                   out_shardings=(rep, rep), donate_argnums=0)
-  return jax.pmap(lambda s, t, b, r: body(s, t, b, r, parallel.PMAP_AXIS), axis_name=parallel.PMAP_AXIS,
-                  in_axes=(0, 0, 0, None), devices=list(runner.mesh.devices.flat), donate_argnums=0)
 
 
 def prepare(method, args, runner, batch, sample):
   """Builds and compiles one method's step, runs its first call and warm-up; returns its row."""
-  step, program, state, t_vars = build(method, args, runner, sample)
-  rng = jax.random.key(2)
+  step, state, t_vars = build(method, args, runner, sample)
   start = time.perf_counter()
-  compiled = program.lower(state, t_vars, runner.put_batch(batch), rng).compile()
+  compiled = step.lower(state, t_vars, batch).compile()
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
   del compiled
   start = time.perf_counter()
-  state, metrics = jax.block_until_ready(step(state, t_vars, batch, rng))
+  state, metrics = jax.block_until_ready(step(state, t_vars, batch))
   first_s = time.perf_counter() - start
   for _ in range(args.warmup):
-    state, metrics = jax.block_until_ready(step(state, t_vars, batch, rng))
+    state, metrics = jax.block_until_ready(step(state, t_vars, batch))
   row = {"method": method, "compile_s": compile_s, "first_s": first_s, "times": [],
-         "run": (step, t_vars, rng), "state": state, "metrics": metrics}
+         "run": (step, t_vars), "state": state, "metrics": metrics}
   if mem is not None:
     row["temp"] = mem.temp_size_in_bytes
     row["xla"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -122,9 +110,9 @@ def prepare(method, args, runner, batch, sample):
 
 def time_step(row, batch):
   """One timed step of a prepared method (state donated and replaced)."""
-  step, t_vars, rng = row["run"]
+  step, t_vars = row["run"]
   start = time.perf_counter()
-  row["state"], row["metrics"] = jax.block_until_ready(step(row["state"], t_vars, batch, rng))
+  row["state"], row["metrics"] = jax.block_until_ready(step(row["state"], t_vars, batch))
   row["times"].append(time.perf_counter() - start)
 
 
@@ -160,7 +148,7 @@ def main():
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
            "label": rng.integers(0, NUM_CLASSES, size=args.batch).astype(np.int32)}
-  batch = runner.put_batch(batch) if args.parallel == "jit" else batch
+  batch = runner.put_batch(batch)  # On the devices in the mode's layout, as the loop's batches are.
   sample = jnp.zeros((2, 32, 32, 3), jnp.float32)
   device = jax.devices()[0]
   print(f"jax {jax.__version__} on {device.platform} ({getattr(device, 'device_kind', '')}, {os.cpu_count()} "
@@ -176,7 +164,7 @@ def main():
       time_step(rows[(i + j) % len(rows)], batch)
   for row in rows:
     row["median_s"], row["min_s"] = statistics.median(row["times"]), min(row["times"])
-    row["loss"] = float(row["metrics"]["train_loss"])
+    row["loss"] = runner.metrics_to_host(row["metrics"])["train_loss"]
   print_table(rows, args.batch, gpu=device.platform != "cpu")
 
 

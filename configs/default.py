@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.pipeline = "auto"  # "device" (in memory, no TF), "tfds" (tf.data streaming), "auto".
   config.data.train_split = "train"
   config.data.eval_split = "validation"  # TFDS cifar: "test"; imagenet2012: "validation".
-  config.data.path = ""         # image_folder: the class-folder tree (relative to the working directory).
+  config.data.path = ""         # image_folder: the class-folder tree (relative: cwd, else repository).
   config.data.data_dir = ""     # TFDS data directory ("" = TFDS's default).
   config.data.manual_dir = ""   # imagenet2012: where the manually downloaded tar files are.
   config.data.cache_dir = ""    # Where decoded arrays are cached ("" = the source's default).
@@ -39,8 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.teacher = ml_collections.ConfigDict()
   config.teacher.model = ""     # "" = no teacher: supervised training.
-  config.teacher.workdir = ""   # The teacher's own run directory; its latest checkpoint is loaded.
-  config.teacher.config = ""    # The teacher run's config file, to train it first when it is missing.
+  config.teacher.workdir = ""   # The teacher's run directory (relative: beside the student's workdir).
+  config.teacher.config = ""    # The teacher run's config file (relative: to the repository), used to
+                                # train the teacher first when its run has not finished.
   config.teacher.batchnorm = "running"  # "running" (PyTorch re-implementations) or "batch" (official).
 
   config.student = ml_collections.ConfigDict()
@@ -52,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.temperature = 4.0
   config.distill.nst = ml_collections.ConfigDict()
   config.distill.nst.weight = 0.0       # beta, applied to each layer pair
-  config.distill.nst.layers = [("stage3", "stage3")]  # (student tap, teacher tap) pairs
+  config.distill.nst.layers = "stage3:stage3"  # student_tap:teacher_tap pairs, comma-separated
   config.distill.nst.kernel = "polynomial"
   config.distill.nst.degree = 2
   config.distill.nst.c = 0.0
@@ -61,11 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.nst.unbiased = False
   config.distill.fitnet = ml_collections.ConfigDict()
   config.distill.fitnet.weight = 0.0
-  config.distill.fitnet.layer = ("stage2", "stage2")  # (student tap, teacher tap)
+  config.distill.fitnet.layer = "stage2:stage2"  # one student_tap:teacher_tap pair
   config.distill.at = ml_collections.ConfigDict()
   config.distill.at.weight = 0.0
   config.distill.at.p = 2.0
-  config.distill.at.layers = [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
+  config.distill.at.layers = "stage1:stage1,stage2:stage2,stage3:stage3"
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 0.05
@@ -83,5 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.logging.log_every_steps = 50
   config.logging.eval_every_epochs = 1
   config.logging.checkpoint_every_steps = 500
+  config.logging.checkpoint_every_epochs = 1      # Also at every epoch end (0 = off).
+  config.logging.checkpoint_every_minutes = 10.0  # And when this long has passed since the last save (0 = off).
   config.logging.keep_checkpoints = 3
   return config

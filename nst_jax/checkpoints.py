@@ -24,15 +24,20 @@ atomic: dropping the checkpoint beyond `keep` is a plain recursive delete, done 
 committed, so a kill just then can leave that oldest step partly deleted yet listed until the next save
 drops it again. The latest step, the one a resume reads, is never affected.
 
-Random keys: the state holds the rng as raw key data. Save `jax.random.key_data(key)` (uint32) and rebuild
-the key with `jax.random.wrap_key_data` after restoring; a typed key in the state or the template is a
-TypeError, so both compare as plain arrays.
+Cadence: every `save_every_steps` steps, and also when `save_every_minutes` have passed since the last
+save (the training loop adds epoch ends and the final step), so a crash loses minutes, not most of a run.
+In a multi-process run every process must save the same steps: the time rule is decided by process 0 and
+broadcast, every `time_check_every` steps.
+
+Random keys: a state holding a typed PRNG key is rejected; store `jax.random.key_data(key)` and rebuild
+the key with `jax.random.wrap_key_data` after restoring.
 """
 
 import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
@@ -59,25 +65,27 @@ class Checkpointer:
 
   Args:
     workdir: the run's directory; checkpoints go to `<workdir>/checkpoints`.
-    save_every_steps: `save` writes only at multiples of this (unless forced).
+    save_every_steps: `save` writes only at multiples of this (unless forced or by the time rule).
+    save_every_minutes: also save when this long has passed since the last save (or since creation);
+      0 or None: no time rule.
     keep: how many of the latest checkpoints to keep (None: all).
     async_save: write in a background thread; `save` returns after the arrays are copied to host
       memory, so the caller may donate or overwrite the state right away.
+    clock: seconds, monotonic (tests pass a fake one).
+    time_check_every: in multi-process runs, how often (steps) process 0's clock is consulted.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, save_every_steps: int, keep: int | None = 3,
-               async_save: bool = True):
+               save_every_minutes: float | None = None, async_save: bool = True,
+               clock: Callable[[], float] = time.monotonic, time_check_every: int = 10):
     if save_every_steps < 1:
       raise ValueError(f"save_every_steps must be >= 1, got {save_every_steps}")
     if keep is not None and keep < 1:
       raise ValueError(f"keep must be >= 1 or None, got {keep}")
     options = ocp.CheckpointManagerOptions(
         # Orbax's default also saves on the first call of a fresh run (InitialSavePolicy): not wanted.
-        # The preemption policy saves when JAX's multi-host preemption sync point is reached.
-        save_decision_policy=checkpoint_managers.AnySavePolicy([
-            checkpoint_managers.FixedIntervalPolicy(save_every_steps),
-            checkpoint_managers.PreemptionCheckpointingPolicy(),
-        ]),
+        # Preemption is checked by `should_save` itself, once per step (see `reached_preemption`).
+        save_decision_policy=checkpoint_managers.FixedIntervalPolicy(save_every_steps),
         preservation_policy=checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
@@ -88,6 +96,10 @@ class Checkpointer:
                        ("metadata", ocp.args.JsonSave), ("metadata", ocp.args.JsonRestore)):
       registry.add(item, args)
     self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, handler_registry=registry)
+    self._interval_s = 60.0 * save_every_minutes if save_every_minutes else None
+    self._clock, self._time_check_every = clock, time_check_every
+    self._last_save_time = clock()
+    self._preempted_at = None
 
   @property
   def directory(self) -> epath.Path:
@@ -102,21 +114,38 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    """Whether `save(step, ...)` without `force` would write (lets the caller skip gathering metadata)."""
-    return self._manager.should_save(int(step))
+    """Whether `save(step, ...)` without `force` would write (lets the caller skip gathering metadata).
+    Call it once per step: in multi-host runs it is also JAX's preemption sync point."""
+    step = int(step)
+    if jax.process_count() == 1:
+      preempted = preemption_requested()
+    else:  # JAX's sync point must be asked exactly once per step, by every process.
+      preempted = self._manager.reached_preemption(step)
+    self._preempted_at = step if preempted else None
+    return preempted or self._manager.should_save(step) or self._time_is_up(step)
+
+  def _time_is_up(self, step: int) -> bool:
+    if self._interval_s is None:
+      return False
+    if jax.process_count() == 1:
+      return self._clock() - self._last_save_time >= self._interval_s
+    if step % self._time_check_every:
+      return False
+    due = np.asarray(self._clock() - self._last_save_time >= self._interval_s, np.int32)
+    return bool(multihost_utils.broadcast_one_to_all(due))  # Process 0's clock decides for all.
 
   def save(self, step: int, state: PyTree, metadata: Mapping[str, Any] | None = None, *,
            force: bool = False) -> bool:
     """Saves `state` and `metadata` as step `step` if it is a save step, or always with `force`.
 
-    Call it every step: it is cheap when it does not save, and in multi-host runs the save policy must
-    see every step to catch JAX's preemption sync point. `state` is a pytree of arrays (keys as
-    `jax.random.key_data`); `metadata` must be JSON-serialisable and is copied now, so the caller may
-    change it afterwards. Returns whether a save was started. A step that is already saved is skipped
+    Without `force` it asks `should_save(step)`: a caller that decides itself (the training loop) calls
+    `should_save` once per step and then `save(..., force=True)`, since in multi-host runs the save
+    policy must see every step exactly once to catch JAX's preemption sync point. `state` is a pytree of
+    arrays; `metadata` must be JSON-serialisable and is copied now, so the caller may change it afterwards. Returns whether a save was started. A step that is already saved is skipped
     (the final forced save may coincide with a periodic one).
     """
     step = int(step)
-    if step in self._manager.all_steps() or not (force or self._manager.should_save(step)):
+    if step in self._manager.all_steps() or not (force or self.should_save(step)):
       return False
     _reject_typed_keys(state, "state")
     try:
@@ -124,6 +153,7 @@ class Checkpointer:
     except TypeError as e:  # Raised here, not later in the background thread.
       raise TypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata))
+    self._last_save_time = self._clock()
     return self._manager.save(step, args=args, force=True)  # Already decided: don't ask the policy twice.
 
   def restore(self, template_state: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
@@ -147,6 +177,12 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template_state), metadata=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["metadata"] or {})
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the run must save `step` and stop, as found by `should_save(step)` (call that first):
+    the signal flag in a single-process run; in a multi-process run JAX's preemption sync point, the
+    same step on every process."""
+    return self._preempted_at == int(step)
 
   def wait_until_finished(self) -> None:
     """Blocks until the save in flight (if any) is committed; re-raises its error."""
@@ -182,7 +218,9 @@ def load_teacher_variables(teacher_workdir: str | os.PathLike, template_variable
     raise missing
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add("state", ocp.args.PyTreeRestore)  # PyTreeRestore can read a subset of the saved tree.
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  registry.add("metadata", ocp.args.JsonRestore)  # Registered so that Orbax does not warn about it.
+  # Not `read_only=True`: that only adds warnings; this manager never saves (and creates nothing).
+  options = ocp.CheckpointManagerOptions(create=False)
   with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as manager:
     step = manager.latest_step()
     if step is None:
@@ -238,33 +276,47 @@ def _reject_typed_keys(tree: PyTree, name: str) -> None:
                       "jax.random.key_data(key) and rebuild it with jax.random.wrap_key_data.")
 
 
-# Preemption. SIGTERM is what schedulers (Slurm, Kubernetes, preemptible VMs) send before killing a job;
-# the handler only sets a flag, because saving from inside a signal handler could interrupt a half-done
-# device step. SIGKILL cannot be caught: after one, a resume starts from the last committed checkpoint.
-# Multi-host runs: each host gets its own signal at its own time, but all hosts must save the same step.
-# There, do not install this handler (it would replace the SIGTERM handler of JAX's preemption notifier);
-# jax.distributed.initialize() starts JAX's preemption service, and `Checkpointer.save` called every step
-# saves at its sync point on all hosts together.
+# Preemption. SIGTERM is what schedulers (Slurm, Kubernetes, preemptible VMs) send before killing a job,
+# SIGINT what Ctrl-C sends; the handler only sets a flag, because saving from inside a signal handler could
+# interrupt a half-done device step. SIGKILL cannot be caught: after one, a resume starts from the last
+# committed checkpoint. Multi-process runs: each host gets its own signal at its own time, but all hosts
+# must save the same step, so there the handler is not installed (it would replace the SIGTERM handler of
+# JAX's preemption notifier, which `jax.distributed.initialize()` starts): `Checkpointer.should_save`,
+# asked once per step, reaches JAX's preemption sync point on all hosts together, and
+# `Checkpointer.reached_preemption(step)` then tells the loop to stop.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _preemption = threading.Event()
+_received: list[str] = []
 
 
-def install_preemption_handler(signum: int = signal.SIGTERM) -> Callable[[], None]:
-  """Makes `signum` (SIGTERM) set the flag read by `preemption_requested()` instead of killing the process.
-
-  Call from the main thread. The training loop polls the flag once per step; when set, it saves with
-  `force=True`, waits for the save and exits cleanly. Returns a function that restores the previous
-  handler and clears the flag.
-  """
+def install_preemption_handler(signums=PREEMPTION_SIGNALS) -> Callable[[], None]:
+  """Makes `signums` (SIGTERM, SIGINT) set the flag read by `preemption_requested()` instead of ending
+  the process. Call from the main thread of a single-process run (see above for multi-process runs).
+  The training loop polls the flag once per step; when set, it saves, waits for the save and stops.
+  Returns a function that restores the previous handlers and clears the flag."""
   _preemption.clear()
-  previous = signal.signal(signum, lambda *_: _preemption.set())
+  _received.clear()
+
+  def handler(signum, _):
+    _received.append(signal.Signals(signum).name)
+    _preemption.set()
+
+  previous = {signum: signal.signal(signum, handler) for signum in signums}
 
   def uninstall() -> None:
-    signal.signal(signum, previous)
+    for signum, old in previous.items():
+      signal.signal(signum, old)
     _preemption.clear()
+    _received.clear()
 
   return uninstall
 
 
 def preemption_requested() -> bool:
-  """Whether the preemption signal has arrived since `install_preemption_handler()`."""
+  """Whether a preemption signal has arrived since `install_preemption_handler()`."""
   return _preemption.is_set()
+
+
+def preemption_signal() -> str | None:
+  """The name of the first preemption signal received ("SIGTERM", "SIGINT"), None if none."""
+  return _received[0] if _received else None

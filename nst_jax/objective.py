@@ -8,7 +8,9 @@ supervised run (a teacher, a baseline student) is the same code path. Layer name
 names (`stage3`, `stage2_preact`, `in5b`, ...) and are checked against both models before any step
 runs, so a typo is an error naming the valid taps, not a KeyError inside a traced function.
 
-Also owns the FitNet regressor (`HintRegressor`): a student-side module, trained with the student.
+Also owns the FitNet regressor (`HintRegressor`) and `HintStudent`, the student with the regressor on
+one of its taps, whose output is one more feature (`HINT`): the regressor is part of the student's one
+variable tree and trained with it, and the objective reads the hint like any other feature.
 """
 
 import dataclasses
@@ -19,10 +21,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nst_jax import kernels, losses
+from nst_jax import config_lib, kernels, losses
 from nst_jax.models import layers
 
 Array = jax.Array
+HINT = "hint"  # The feature name of FitNet's regressor output in a `HintStudent`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +51,7 @@ class Objective:
   def from_config(cls, distill) -> "Objective":
     """From a `config.distill` ConfigDict (see configs/default.py); validates names and weights."""
     kernel = distill.nst.kernel
-    kernels.get_kernel(kernel)  # Unknown kernel: ValueError with the valid names.
-    if kernels.get_kernel(kernel) is kernels.polynomial:
+    if kernels.get_kernel(kernel) is kernels.polynomial:  # Unknown kernel: ValueError with the names.
       params = {"degree": int(distill.nst.degree), "c": float(distill.nst.c)}
     elif kernels.get_kernel(kernel) is kernels.gaussian:
       params = {"sigma2": float(distill.nst.sigma2)} if distill.nst.sigma2 > 0 else {}
@@ -62,12 +64,12 @@ class Objective:
     objective = cls(
         ce_weight=float(distill.ce_weight), kd_weight=float(distill.kd_weight),
         temperature=float(distill.temperature), nst_weight=float(distill.nst.weight),
-        nst_layers=_pairs(distill.nst.layers, "config.distill.nst.layers"), nst_kernel=kernel,
+        nst_layers=config_lib.parse_pairs(distill.nst.layers, "config.distill.nst.layers"), nst_kernel=kernel,
         nst_params=params, nst_resize=distill.nst.resize, nst_unbiased=bool(distill.nst.unbiased),
         fitnet_weight=float(distill.fitnet.weight),
-        fitnet_layer=_pairs([distill.fitnet.layer], "config.distill.fitnet.layer")[0],
+        fitnet_layer=config_lib.parse_pairs(distill.fitnet.layer, "config.distill.fitnet.layer")[0],
         at_weight=float(distill.at.weight), at_p=float(distill.at.p),
-        at_layers=_pairs(distill.at.layers, "config.distill.at.layers"))
+        at_layers=config_lib.parse_pairs(distill.at.layers, "config.distill.at.layers"))
     for name in ("ce_weight", "kd_weight", "nst_weight", "fitnet_weight", "at_weight"):
       if getattr(objective, name) < 0:
         raise ValueError(f"Loss weight {name} must be >= 0, got {getattr(objective, name)}.")
@@ -100,8 +102,8 @@ class Objective:
                            f"Valid taps: {', '.join(sorted(valid))}.")
 
   def __call__(self, labels: Array, student_logits: Array, student_features: Mapping[str, Array],
-               teacher_logits: Array | None = None, teacher_features: Mapping[str, Array] | None = None,
-               hint: Array | None = None) -> tuple[Array, dict[str, Array]]:
+               teacher_logits: Array | None = None, teacher_features: Mapping[str, Array] | None = None
+               ) -> tuple[Array, dict[str, Array]]:
     """The weighted total and every unweighted component (`ce`, `kd`, `nst`, `nst/<s>-<t>`, ...)."""
     components = {}
     total = jnp.zeros((), jnp.float32)
@@ -126,17 +128,10 @@ class Objective:
       components["at"] = at_sum
       total += self.at_weight * at_sum
     if self.uses_fitnet:
-      components["fitnet"] = losses.fitnet(hint, teacher_features[self.fitnet_layer[1]])
+      components["fitnet"] = losses.fitnet(student_features[HINT], teacher_features[self.fitnet_layer[1]])
       total += self.fitnet_weight * components["fitnet"]
     components["total"] = total
     return total, components
-
-
-def _pairs(value, key: str) -> tuple[tuple[str, str], ...]:
-  pairs = tuple(tuple(p) for p in value)
-  if not all(len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs):
-    raise ValueError(f"{key} must be (student tap, teacher tap) pairs of names, got {value!r}.")
-  return pairs
 
 
 class HintRegressor(nn.Module):
@@ -147,7 +142,6 @@ class HintRegressor(nn.Module):
   """
 
   teacher_shape: tuple[int, int, int]  # (H, W, C) of the teacher map
-  student_tap: str = "stage2"  # the student tap it reads (the training step looks it up)
   dtype: Any = jnp.float32
   axis_name: str | None = None
 
@@ -164,3 +158,31 @@ class HintRegressor(nn.Module):
     x = layers.Conv(ct, 3, strides, padding=1, use_bias=True, dtype=self.dtype)(x)
     x = layers.BatchNorm(dtype=self.dtype, axis_name=self.axis_name)(x, train)
     return nn.relu(x)
+
+
+class HintStudent(nn.Module):
+  """A student with FitNet's regressor on its tap `student_tap`; the regressor's output is the feature
+  `HINT`. The student's own variables stay at the top of the tree (shared scope), next to `regressor`."""
+
+  student: nn.Module
+  teacher_shape: tuple[int, int, int]  # (H, W, C) of the teacher map the hint is regressed onto
+  student_tap: str
+
+  def setup(self):
+    nn.share_scope(self, self.student)
+    self.regressor = HintRegressor(teacher_shape=tuple(self.teacher_shape), dtype=self.student.dtype,
+                                   axis_name=self.student.axis_name)
+
+  def __call__(self, x, train: bool):
+    logits, features = self.student(x, train)
+    return logits, {**features, HINT: self.regressor(features[self.student_tap], train)}
+
+
+def student_module(student: nn.Module, objective: Objective, teacher_shapes=None) -> nn.Module:
+  """The module a run trains: `student` itself, or with FitNet a `HintStudent` onto the teacher map's
+  shape (`teacher_shapes` maps the teacher's taps to their (H, W, C))."""
+  if not objective.uses_fitnet:
+    return student
+  student_tap, teacher_tap = objective.fitnet_layer
+  return HintStudent(student=student, teacher_shape=tuple(teacher_shapes[teacher_tap]),
+                     student_tap=student_tap)

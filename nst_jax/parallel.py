@@ -1,17 +1,18 @@
-"""Data parallelism: the only module that knows about devices.
-
-Two ways to run one step body on many devices, chosen by `config.parallel`:
+"""Data parallelism: one mechanism with two faces, chosen by `config.parallel`.
 
 * "jit" (default): global-view `jax.jit` over a 1-D `data` mesh; the state and the teacher variables
   are replicated (`P()`), the batch is sharded along `data` (`P('data')`). XLA inserts the gradient
-  all-reduce and the cross-device BatchNorm statistics itself, and the same program runs unchanged on
-  many hosts (each process feeds the shards of its own devices).
-* "pmap": the same body under `jax.pmap` with a per-device batch, as in pmap-era code: the step body
-  gets `axis_name="batch"`, averages gradients and metrics with `lax.pmean`, and the models' BatchNorm
-  synchronises over that axis. State is kept stacked along a leading device axis.
+  all-reduce and the cross-device BatchNorm statistics itself.
+* "pmap": the same step body under `jax.pmap` with a per-device batch, as in pmap-era code: the body gets
+  `axis_name="batch"`, averages gradients and metrics with `lax.pmean`, and the models' BatchNorm
+  synchronises over that axis. The state and the teacher are stacked along a leading device axis, one
+  slice on each device, once (`put_replicated`); a batch from the input pipeline, already sharded along
+  `data`, is reshaped to (devices, per-device batch, ...) on the devices, without a host round trip.
 
-Both give the global-batch result of a single device (tests/train_test.py checks the parameters after
-three steps on 8 devices with jit, 1 device with jit and 8 devices with pmap).
+Both run unchanged across several processes (each process holds the shards of its own devices) and both
+give the global-batch result of a single device (tests/train_test.py). The input pipelines build their
+batches on this module's mesh and `batch_sharded` layout; this module owns how programs, state and
+batches are laid out over the devices.
 """
 
 from collections.abc import Callable, Sequence
@@ -50,21 +51,30 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh: Mesh):
-  """Places a pytree on every device of the mesh (a replicated global array per leaf)."""
+  """Places a pytree on every device of the mesh (a replicated global array per leaf). In a
+  multi-process run every process must pass the same values."""
   return jax.device_put(tree, replicated(mesh))
 
 
 def shard_batch(batch, mesh: Mesh):
-  """Places a host batch (global arrays or NumPy) sharded along its leading axis."""
+  """Places a host batch (NumPy, the same global batch on every process) sharded along its leading axis."""
   return jax.device_put(batch, batch_sharded(mesh))
 
 
-class Runner:
-  """Compiles step bodies for one parallel mode and converts state and batches to its layout.
+def to_host(tree):
+  """A replicated (or per-device identical) pytree's values as NumPy, from this process's first shard:
+  works in multi-process runs, where the arrays are not fully addressable."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array)
+                      else np.asarray(x), tree)
 
-  A train body is `body(state, teacher_variables, batch, rng, axis_name) -> (state, metrics)`, an eval
-  body `body(variables, batch, axis_name) -> sums`; with `axis_name` set they must reduce gradients and
-  metrics over it themselves (`lax.pmean`, `lax.psum`).
+
+class Runner:
+  """Compiles step bodies for one parallel mode and converts state and batches to and from its layout.
+
+  A train body is `body(state, teacher_variables, batch, axis_name) -> (state, metrics)`, an eval body
+  `body(variables, batch, axis_name) -> sums`; with `axis_name` set they must reduce gradients and
+  metrics over it themselves (`lax.pmean`, `lax.psum`). Compiled programs take arguments in the mode's
+  layout: `put_replicated` for state and variables, `put_batch` for batches.
   """
 
   def __init__(self, mode: str, mesh: Mesh):
@@ -72,6 +82,14 @@ class Runner:
       raise ValueError(f"Unknown parallel mode {mode!r}. Valid modes: {', '.join(MODES)}.")
     self.mode, self.mesh = mode, mesh
     self.num_devices = mesh.devices.size
+    rep, shard = replicated(mesh), batch_sharded(mesh)
+    n = self.num_devices
+    # Layout conversions, compiled once; under pmap they are device-local copies and reshapes.
+    self._stack = jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), t),
+                          out_shardings=shard)
+    self._unstack = jax.jit(lambda t: jax.tree.map(lambda x: x[0], t), out_shardings=rep)
+    self._split = jax.jit(lambda b: jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), b),
+                          out_shardings=shard)
 
   @property
   def axis_name(self) -> str | None:
@@ -79,47 +97,43 @@ class Runner:
     return PMAP_AXIS if self.mode == "pmap" else None
 
   def compile_train(self, body: Callable) -> Callable:
-    """`step(state, teacher_variables, batch, rng) -> (state, metrics)`; the state is donated."""
+    """`step(state, teacher_variables, batch) -> (state, metrics)` in this mode's layout; the state is
+    donated. The result is the jitted (or pmapped) program itself, so `.lower(...)` works on it."""
     if self.mode == "jit":
       rep, shard = replicated(self.mesh), batch_sharded(self.mesh)
-      step = jax.jit(lambda s, t, b, r: body(s, t, b, r, None), in_shardings=(rep, rep, shard, rep),
+      return jax.jit(lambda s, t, b: body(s, t, b, None), in_shardings=(rep, rep, shard),
                      out_shardings=(rep, rep), donate_argnums=0)
-      return lambda s, t, b, r: step(s, t, self.put_batch(b), r)
-    step = jax.pmap(lambda s, t, b, r: body(s, t, b, r, PMAP_AXIS), axis_name=PMAP_AXIS,
-                    in_axes=(0, 0, 0, None), devices=list(self.mesh.devices.flat), donate_argnums=0)
-
-    def run(s, t, b, r):
-      s, metrics = step(s, t, self.put_batch(b), r)
-      return s, jax.tree.map(lambda x: x[0], metrics)
-
-    return run
+    return jax.pmap(lambda s, t, b: body(s, t, b, PMAP_AXIS), axis_name=PMAP_AXIS,
+                    devices=list(self.mesh.devices.flat), donate_argnums=0)
 
   def compile_eval(self, body: Callable) -> Callable:
-    """`evaluate(variables, batch) -> sums` (one copy of the sums, reduced over devices)."""
+    """`evaluate(variables, batch) -> sums` in this mode's layout (sums reduced over devices; read them
+    with `to_host`, or `metrics_to_host` for either mode)."""
     if self.mode == "jit":
       rep, shard = replicated(self.mesh), batch_sharded(self.mesh)
-      fn = jax.jit(lambda v, b: body(v, b, None), in_shardings=(rep, shard), out_shardings=rep)
-      return lambda v, b: fn(v, self.put_batch(b))
-    fn = jax.pmap(lambda v, b: body(v, b, PMAP_AXIS), axis_name=PMAP_AXIS,
-                  devices=list(self.mesh.devices.flat))
-    return lambda v, b: jax.tree.map(lambda x: x[0], fn(v, self.put_batch(b)))
+      return jax.jit(lambda v, b: body(v, b, None), in_shardings=(rep, shard), out_shardings=rep)
+    return jax.pmap(lambda v, b: body(v, b, PMAP_AXIS), axis_name=PMAP_AXIS,
+                    devices=list(self.mesh.devices.flat))
 
   def put_replicated(self, tree):
-    """Host or device pytree -> this mode's replicated layout (stacked per device for pmap)."""
-    if self.mode == "jit":
-      return replicate(tree, self.mesh)
-    return jax.tree.map(lambda x: jnp.stack([x] * self.num_devices), jax.device_get(tree))
+    """Host or device pytree -> this mode's replicated layout (for pmap: one slice per device)."""
+    tree = replicate(tree, self.mesh)
+    return tree if self.mode == "jit" else self._stack(tree)
 
   def get_replicated(self, tree):
-    """This mode's replicated layout -> one copy (device arrays for jit, the first replica for pmap)."""
-    return tree if self.mode == "jit" else jax.tree.map(lambda x: x[0], tree)
+    """This mode's replicated layout -> replicated global arrays (the jit layout, which checkpoints use)."""
+    return tree if self.mode == "jit" else self._unstack(tree)
 
   def put_batch(self, batch):
-    """A global batch (sharded along `data` or on the host) -> this mode's batch layout."""
-    check_global_batch(len(jax.tree.leaves(batch)[0]), self.num_devices)
-    if self.mode == "jit":
-      return batch if _is_sharded_like(batch, self.mesh) else shard_batch(batch, self.mesh)
-    return jax.tree.map(lambda x: np.asarray(x).reshape(self.num_devices, -1, *x.shape[1:]), batch)
+    """A global batch -> this mode's layout. Batches from the input pipelines are already sharded along
+    `data` and stay on the devices; a NumPy batch (benchmarks, tests) is placed first."""
+    if not _is_sharded_like(batch, self.mesh):
+      batch = shard_batch(batch, self.mesh)
+    return batch if self.mode == "jit" else self._split(batch)
+
+  def metrics_to_host(self, metrics) -> dict[str, float]:
+    """A step's (or eval's) outputs as Python floats (under pmap every device holds the same value)."""
+    return {k: float(np.ravel(v)[0]) for k, v in to_host(metrics).items()}
 
 
 def _is_sharded_like(batch, mesh: Mesh) -> bool:

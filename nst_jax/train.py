@@ -1,11 +1,11 @@
-"""The training step and its state: a student (plus a FitNet regressor, when used) trained against an
-objective, a teacher traced in the same compiled program but never updated.
+"""The training step and its state: a student trained against an objective, and a teacher traced in the
+same compiled program but never updated.
 
-`train_step(state, teacher_variables, batch, rng, *, ...)` is pure: the teacher is a separate,
-non-donated argument, its outputs are under `stop_gradient`, only the student side is differentiated,
-and the rng is `fold_in(rng, step)`. With `axis_name` set (the pmap path) gradients and metrics are
-averaged over that device axis; under global-view jit they need no reduction. Metrics are a flat dict of
-scalars: every loss component, the total, top-1 accuracy and the learning rate.
+`train_step(state, teacher_variables, batch, *, ...)` is pure: the teacher is a separate, non-donated
+argument, its outputs are under `stop_gradient`, and only the student is differentiated. The zoo's models
+draw no randomness (no dropout), so the step takes no rng. With `axis_name` set (the pmap path)
+gradients and metrics are averaged over that device axis; under global-view jit they need no reduction.
+Metrics are a flat dict of scalars: every loss component, the total, top-1 accuracy and the learning rate.
 
 `eval_step` returns exact (sum, count) pairs for top-1 and top-5, with padded examples masked out.
 """
@@ -18,27 +18,47 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax.training import train_state
+from flax import struct
 
+from nst_jax import config_lib
 from nst_jax import objective as objective_lib
 
-TEACHER_BATCHNORM_MODES = ("running", "batch")
+TEACHER_BATCHNORM_MODES = config_lib.TEACHER_BATCHNORM_MODES
 
 
-class TrainState(train_state.TrainState):
-  """Student-side parameters (`{"student": ..., "regressor": ...}`), their BatchNorm statistics and the
-  optimizer state. The teacher is not part of it, so it is never checkpointed with the student."""
+class TrainState(struct.PyTreeNode):
+  """The student's parameters, its BatchNorm statistics, the optimizer state and the step.
 
-  batch_stats: Any = None
+  One variable tree: with FitNet the regressor is part of the student module (`objective.HintStudent`).
+  The teacher is not part of it, so it is never checkpointed with the student. A checkpoint of this state
+  has the student's `params` and `batch_stats` at its top level, so any finished run can serve as a
+  teacher (`checkpoints.load_teacher_variables`).
+  """
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, *, params, batch_stats, tx: optax.GradientTransformation) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+               opt_state=tx.init(params), tx=tx)
+
+  def apply_gradients(self, *, grads, batch_stats) -> "TrainState":
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
 
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """The modules of a run: the student, the teacher (None: supervised), the FitNet regressor (None)."""
+  """The modules of a run: the student (with FitNet's regressor inside, when used) and the teacher
+  (None: supervised), and how the teacher's BatchNorm runs ("running" or "batch" statistics)."""
 
   student: nn.Module
   teacher: nn.Module | None = None
-  regressor: nn.Module | None = None
   teacher_batchnorm: str = "running"
 
 
@@ -55,20 +75,12 @@ def step_schedule(base_lr: float, steps_per_epoch: int, decay_epochs, decay_fact
   return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
-def create_train_state(models: Models, optimizer: optax.GradientTransformation, sample_images: jax.Array,
-                       rng: jax.Array, teacher_feature_shape: tuple[int, ...] | None = None) -> TrainState:
-  """Initialises the student (and the regressor, onto the teacher map's shape) from one sample batch."""
-  key_student, key_regressor = jax.random.split(rng)
-  variables = models.student.init(key_student, sample_images, train=False)
-  params = {"student": variables["params"]}
-  batch_stats = {"student": variables.get("batch_stats", {})}
-  if models.regressor is not None:
-    _, features = models.student.apply(variables, sample_images, train=False)
-    hint_input = features[models.regressor.student_tap]
-    reg_vars = models.regressor.init(key_regressor, hint_input, train=False)
-    params["regressor"], batch_stats["regressor"] = reg_vars["params"], reg_vars.get("batch_stats", {})
-  return TrainState.create(apply_fn=models.student.apply, params=params, tx=optimizer,
-                           batch_stats=batch_stats)
+def create_train_state(student: nn.Module, optimizer: optax.GradientTransformation,
+                       sample_images: jax.Array, rng: jax.Array) -> TrainState:
+  """Initialises the student (regressor included) from one sample batch."""
+  variables = student.init(rng, sample_images, train=False)
+  return TrainState.create(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
+                           tx=optimizer)
 
 
 def _teacher_outputs(models: Models, teacher_variables, images):
@@ -84,27 +96,18 @@ def _teacher_outputs(models: Models, teacher_variables, images):
   return jax.lax.stop_gradient((logits, features))
 
 
-def train_step(state: TrainState, teacher_variables, batch, rng, *, models: Models,
+def train_step(state: TrainState, teacher_variables, batch, *, models: Models,
                objective: objective_lib.Objective, learning_rate_fn: Callable[[int], Any],
                axis_name: str | None = None):
-  """One SGD step on the student side; returns (new state, metrics)."""
-  del rng  # The zoo's models draw no randomness; `fold_in(rng, state.step)` would go here if they did.
+  """One SGD step of the student; returns (new state, metrics)."""
   images, labels = batch["image"], batch["label"]
   teacher_logits, teacher_features = _teacher_outputs(models, teacher_variables, images)
 
   def loss_fn(params):
-    (logits, features), student_stats = models.student.apply(
-        {"params": params["student"], "batch_stats": state.batch_stats["student"]}, images, train=True,
-        mutable=["batch_stats"])
-    new_stats = {"student": student_stats["batch_stats"]}
-    hint = None
-    if models.regressor is not None:
-      hint, reg_stats = models.regressor.apply(
-          {"params": params["regressor"], "batch_stats": state.batch_stats["regressor"]},
-          features[models.regressor.student_tap], train=True, mutable=["batch_stats"])
-      new_stats["regressor"] = reg_stats["batch_stats"]
-    total, components = objective(labels, logits, features, teacher_logits, teacher_features, hint)
-    return total, (components, new_stats, logits)
+    (logits, features), new_vars = models.student.apply(
+        {"params": params, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats"])
+    total, components = objective(labels, logits, features, teacher_logits, teacher_features)
+    return total, (components, new_vars["batch_stats"], logits)
 
   grads, (components, new_stats, logits) = jax.grad(loss_fn, has_aux=True)(state.params)
   if axis_name is not None:
@@ -126,8 +129,8 @@ def eval_step(variables, batch, *, model: nn.Module, axis_name: str | None = Non
 
 
 def student_variables(state: TrainState) -> dict:
-  """The student's own variables, as `model.apply` and a teacher checkpoint hold them."""
-  return {"params": state.params["student"], "batch_stats": state.batch_stats["student"]}
+  """The student's variables, as `model.apply` and a teacher checkpoint hold them."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def topk_sums(logits, labels, mask=None, axis_name: str | None = None):
@@ -143,8 +146,8 @@ def topk_sums(logits, labels, mask=None, axis_name: str | None = None):
 
 def train_body(models: Models, objective: objective_lib.Objective, learning_rate_fn):
   """The train step body in the signature `parallel.Runner.compile_train` expects."""
-  return lambda s, t, b, r, axis: train_step(s, t, b, r, models=models, objective=objective,
-                                             learning_rate_fn=learning_rate_fn, axis_name=axis)
+  return lambda s, t, b, axis: train_step(s, t, b, models=models, objective=objective,
+                                          learning_rate_fn=learning_rate_fn, axis_name=axis)
 
 
 def eval_body(model: nn.Module):

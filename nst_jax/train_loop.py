@@ -1,125 +1,142 @@
-"""The training loop: `train_and_evaluate(config, workdir)` runs one experiment end to end.
+"""The training loop: `train_and_evaluate(config, workdir)` runs one command end to end, as stages.
 
-Data -> models -> (teacher from its own run, trained first when it is missing) -> train state ->
-resume from `<workdir>/checkpoints` -> steps, logging, evaluation every epoch, checkpoints -> results.
+A supervised config is one stage. A distillation config whose teacher run has not finished (the mark of
+a finished run is its `results.json` with `"finished": true`) is two: first the teacher's own run,
+from `config.teacher.config` in `config.teacher.workdir` (trained there, or resumed where it stopped),
+then the student's. Each stage is data -> models -> train state -> resume from `<workdir>/checkpoints`
+-> steps, logging, evaluation every epoch, checkpoints -> results. A SIGTERM or Ctrl-C (SIGINT) in any
+stage saves that stage's checkpoint and ends the whole command with `Preempted`; running the same
+command again resumes the interrupted stage. The student never starts from a teacher whose run did not
+finish.
 
-Files in the workdir: `config.json` (the run's config), `checkpoints/` (Orbax), `results.json` (last and
-best top-1 / top-5 and the teacher's accuracy), `log.txt` (the console log) and, where TensorFlow is
-installed, TensorBoard event files. Running the same command again resumes where the run stopped: the
-data position is the step (the in-memory pipeline is a pure function of seed and step), so a resumed run
-reproduces an uninterrupted one bitwise on CPU. SIGTERM saves a checkpoint and returns cleanly.
+Files in a stage's workdir: `config.json` (its config, paths made absolute), `run.json` (code, packages,
+devices, timings), `checkpoints/` (Orbax), `results.json` (last and best top-1 / top-5, the per-epoch
+history of evaluation and mean train metrics, the teacher's accuracy), `log.txt` and, where TensorFlow
+is installed, TensorBoard event files. The data position is the step (the in-memory pipeline is a pure
+function of seed and step), so a resumed run reproduces an uninterrupted one bitwise on CPU. A workdir
+that this command created is removed again if the stage fails before its first step.
 """
 
+import dataclasses
 import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
+import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from nst_jax import checkpoints, models, parallel, train
+from nst_jax import checkpoints, config_lib, models, parallel, run_record, train
+from nst_jax import data as data_lib
 from nst_jax import objective as objective_lib
-from nst_jax.data import device_pipeline, sources, tfds_pipeline
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RESULTS = "results.json"
+load_config_file = config_lib.load_config_file  # Kept here too: the name the README used to give.
+
+logger = logging.getLogger("nst_jax")
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """A config file's `get_config()` (used to train a missing teacher first)."""
+class Preempted(Exception):
+  """A stage saved its checkpoint on SIGTERM / SIGINT and stopped; run the same command to resume."""
+
+  def __init__(self, signal_name: str, stage: str, workdir: str, step: int):
+    super().__init__(f"{signal_name}: saved step {step} of the {stage} stage in {workdir} and stopped; "
+                     "run the same command to resume.")
+    self.signal_name, self.stage, self.workdir, self.step = signal_name, stage, workdir, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One run of a command: `name` is "teacher" or "student"; paths in `config` are absolute."""
+
+  name: str
+  config: ml_collections.ConfigDict
+  workdir: str
+
+
+def is_finished(workdir: str) -> bool:
+  """Whether the run in `workdir` finished: its results.json says so (the mark every stage checks)."""
+  path = os.path.join(workdir, RESULTS)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"Config file {path!r} does not exist.")
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+    return False
+  with open(path) as f:
+    return bool(json.load(f).get("finished"))
 
 
-def _check_choice(value, valid, key):
-  if value not in valid:
-    raise ValueError(f"{key}: unknown value {value!r}. Valid values: {', '.join(map(str, valid))}.")
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         teacher_overrides: Mapping[str, Any] | None = None) -> list[Stage]:
+  """The stages `train_and_evaluate` runs: the teacher's run first when it has not finished, then this
+  run. `teacher_overrides` ({dotted key: value}, e.g. the command line's `data.*`, `dtype`, `parallel`)
+  are applied to the teacher's config; its other keys are the teacher config file's own."""
+  workdir = os.path.abspath(workdir)
+  config = config_lib.resolve_paths(config, workdir)
+  config_lib.check(config)
+  stages = []
+  if config.teacher.model and not is_finished(config.teacher.workdir):
+    if not config.teacher.config:
+      raise config_lib.ConfigError(
+          f"The teacher run in {config.teacher.workdir} has not finished (no {RESULTS} marked finished) and "
+          "config.teacher.config is empty: train the teacher first, or set config.teacher.config to its "
+          "config file so that this command trains it.")
+    teacher_config = config_lib.apply_overrides(config_lib.load_config_file(config.teacher.config),
+                                                teacher_overrides or {})
+    if teacher_config.student.model != config.teacher.model:
+      raise config_lib.ConfigError(
+          f"config.teacher.config {config.teacher.config!r} trains {teacher_config.student.model!r}, but "
+          f"config.teacher.model is {config.teacher.model!r}.")
+    stages += plan(teacher_config, config.teacher.workdir, teacher_overrides)
+    stages[-1] = dataclasses.replace(stages[-1], name="teacher")
+  return [*stages, Stage("student", config, workdir)]
 
 
-def _load_arrays(config, split: str) -> sources.ArrayDataset:
-  d = config.data
-  options = {}
-  if d.name == "image_folder":
-    if not d.path:
-      raise ValueError("config.data.path must name the class-folder tree for data.name='image_folder'.")
-    options = {"path": d.path, "validation_per_class": d.validation_per_class,
-               "limit_per_class": d.limit_per_class or None}
-  elif d.name in ("cifar10", "cifar100"):
-    options = {"data_dir": d.data_dir or None}
-  if d.cache_dir and d.name != "digits":
-    options["cache_dir"] = d.cache_dir
-  dataset = sources.load(d.name, split, **options)
-  size = d.image_size
-  if size and dataset.images.shape[1:3] != (size, size):
-    # Resized once on the host (bilinear), so the zoo's 32x32 models can run small images.
-    images = jax.image.resize(jnp.asarray(dataset.images, jnp.float32),
-                              (len(dataset), size, size, dataset.images.shape[-1]), "bilinear")
-    dataset = sources.ArrayDataset(np.asarray(jnp.clip(jnp.round(images), 0, 255), np.uint8),
-                                   dataset.labels, dataset.num_classes, dataset.class_names)
-  return dataset
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       teacher_overrides: Mapping[str, Any] | None = None) -> dict:
+  """Runs every stage of the command (see `plan`); returns the last stage's results dict.
+
+  Raises `Preempted` after a SIGTERM / SIGINT has been saved, `config_lib.ConfigError` for a config
+  that cannot run (before any work), FloatingPointError on a non-finite loss.
+  """
+  stages = plan(config, workdir, teacher_overrides)
+  # One handler for the whole command, so a signal during the teacher stage also ends the student's.
+  uninstall = (checkpoints.install_preemption_handler() if jax.process_count() == 1 else lambda: None)
+  timings = []
+  try:
+    for stage in stages:
+      results = run_stage(stage, timings)
+  finally:
+    uninstall()
+  return results
 
 
-def _normalisation(config, dataset: sources.ArrayDataset):
-  if config.data.mean:
-    return tuple(config.data.mean), tuple(config.data.std)
-  if config.data.name in sources.MEAN_STD:
-    return sources.MEAN_STD[config.data.name]
-  return sources.channel_stats(dataset.images)
+def _taps(model, image_shape) -> dict[str, tuple[int, ...]]:
+  """Each tap of `model` -> its per-example shape (from shapes only; nothing is computed)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  _, features = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  return {name: f.shape[1:] for name, f in features.items()}
 
 
-def _in_memory_pipelines(config, mesh):
-  """Arrays decoded once, on the devices, batched and augmented by jitted JAX code (no TensorFlow)."""
-  train_data = _load_arrays(config, config.data.train_split)
-  eval_data = _load_arrays(config, config.data.eval_split)
-  mean, std = _normalisation(config, train_data)
-  kwargs = {"mean": mean, "std": std, "mesh": mesh, "seed": config.seed,
-            "global_batch": config.schedule.batch_size}
-  return (device_pipeline.DevicePipeline(train_data, augment=config.data.augment, **kwargs),
-          device_pipeline.DevicePipeline(eval_data, augment="none", **kwargs),
-          train_data.num_classes, train_data.image_shape)
-
-
-def _streaming_pipelines(config, mesh):
-  """tf.data from TFDS, each host reading its own part (ImageNet-sized data)."""
-  d = config.data
-  size = d.image_size or 224
-  mean, std = (tuple(d.mean), tuple(d.std)) if d.mean else sources.MEAN_STD.get(d.name, (None, None))
-  kwargs = {"global_batch": config.schedule.batch_size, "seed": config.seed, "image_size": size,
-            "resize_size": round(size * 256 / 224), "mean": mean, "std": std, "mesh": mesh,
-            "data_dir": d.data_dir or None, "manual_dir": d.manual_dir or None}
-  train_pipe = tfds_pipeline.TfdsPipeline(d.name, split=d.train_split, preprocess=d.augment, **kwargs)
-  eval_pipe = tfds_pipeline.TfdsPipeline(d.name, split=d.eval_split, preprocess=d.augment, **kwargs)
-  return train_pipe, eval_pipe, train_pipe.num_classes, (size, size, 3)
-
-
-def _taps(model, image_shape, dtype=jnp.float32) -> list[str]:
-  x = jnp.zeros((1, *image_shape), dtype)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  _, features = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
-  return list(features)
-
-
-class _Log:
-  """Console and `log.txt`, from process 0 only."""
-
-  def __init__(self, workdir):
-    self.path = os.path.join(workdir, "log.txt")
-    self.enabled = jax.process_index() == 0
-
-  def __call__(self, message: str):
-    if self.enabled:
-      logging.info(message)
-      print(message, flush=True)
-      with open(self.path, "a") as f:
-        f.write(message + "\n")
+def _setup_logging(workdir: str | None):
+  """Console (and `<workdir>/log.txt`) for the `nst_jax` logger, from process 0 only."""
+  logger.setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  logger.propagate = False  # absl's root handler would print every line twice.
+  for handler in list(logger.handlers):
+    if isinstance(handler, logging.FileHandler):
+      logger.removeHandler(handler)
+      handler.close()
+  if not any(getattr(h, "_nst_console", False) for h in logger.handlers):
+    console = logging.StreamHandler(sys.stdout)
+    console._nst_console = True
+    logger.addHandler(console)
+  if workdir is not None and jax.process_index() == 0:
+    logger.addHandler(logging.FileHandler(os.path.join(workdir, "log.txt")))
 
 
 def _summary_writer(workdir):
@@ -132,209 +149,203 @@ def _summary_writer(workdir):
   return tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
-def _write_json(path, payload):
+def write_json(path, payload):
+  """Atomic JSON write from process 0: a reader never sees half a file."""
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    os.replace(tmp, path)
 
 
-def evaluate(evaluate_fn, variables, pipeline) -> dict[str, float]:
-  """Top-1 / top-5 accuracy (%) from exact sums over the whole eval split, padded batch included."""
-  totals = {"top1_correct": 0.0, "top5_correct": 0.0, "count": 0.0}
-  for batch in pipeline.eval_batches():
-    sums = jax.device_get(evaluate_fn(variables, batch))
-    totals = {k: totals[k] + float(sums[k]) for k in totals}
-  count = max(totals["count"], 1.0)
-  return {"top1": 100.0 * totals["top1_correct"] / count, "top5": 100.0 * totals["top5_correct"] / count,
-          "count": int(totals["count"])}
+class _Window:
+  """Means of the train metrics over the logging window and over the epoch, exact on resume."""
+
+  def __init__(self, epoch_sums=None, epoch_steps=0):
+    self.pending, self.window_sums, self.window_steps = [], {}, 0
+    self.epoch_sums, self.epoch_steps = dict(epoch_sums or {}), epoch_steps
+
+  def add(self, metrics):
+    self.pending.append(metrics)  # Device arrays: read only when the window is logged.
+
+  def flush(self, runner) -> dict[str, float]:
+    """The window's means (and adds them to the epoch's sums)."""
+    for metrics in self.pending:
+      for k, v in runner.metrics_to_host(metrics).items():
+        self.window_sums[k] = self.window_sums.get(k, 0.0) + v
+        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+    self.window_steps += len(self.pending)
+    self.epoch_steps += len(self.pending)
+    self.pending = []
+    means = {k: v / max(self.window_steps, 1) for k, v in self.window_sums.items()}
+    self.window_sums, self.window_steps = {}, 0
+    return means
+
+  def end_epoch(self) -> dict[str, float]:
+    means = {k: v / max(self.epoch_steps, 1) for k, v in self.epoch_sums.items()}
+    self.epoch_sums, self.epoch_steps = {}, 0
+    return means
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or distils) the configured student in `workdir`; returns the results dict."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  log = _Log(workdir)
-  _check_choice(config.dtype, DTYPES, "config.dtype")
-  _check_choice(config.parallel, parallel.MODES, "config.parallel")
-  _check_choice(config.teacher.batchnorm, train.TEACHER_BATCHNORM_MODES, "config.teacher.batchnorm")
-  _check_choice(config.data.pipeline, ("auto", "device", "tfds"), "config.data.pipeline")
-  streaming = config.data.pipeline == "tfds" or (config.data.pipeline == "auto" and
-                                                 config.data.name not in sources.list_sources())
-  if not streaming:
-    _check_choice(config.data.name, sources.list_sources(), "config.data.name")
-  _check_choice(config.data.augment, tfds_pipeline.PREPROCESSING if streaming else
-                device_pipeline.AUGMENTATIONS, "config.data.augment")
-  objective = objective_lib.Objective.from_config(config.distill)
-
+def run_stage(stage: Stage, timings: list | None = None) -> dict:
+  """Trains (or distils) one stage's student in its workdir (see the module docstring)."""
+  config, workdir = stage.config, stage.workdir
+  started, wall_start = time.time(), time.perf_counter()
+  created = not os.path.exists(workdir)
+  _setup_logging(None)
   mesh = parallel.make_mesh()
   runner = parallel.Runner(config.parallel, mesh)
   global_batch = config.schedule.batch_size
   per_device = parallel.check_global_batch(global_batch, mesh.devices.size)
-  log(f"nst_jax: {jax.process_count()} host(s), {jax.device_count()} device(s) "
-      f"({jax.devices()[0].platform}), {jax.local_device_count()} local; global batch {global_batch}, "
-      f"{per_device} per device; parallel={config.parallel}, dtype={config.dtype}; workdir {workdir}")
-  _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-
-  if streaming:
-    train_pipe, eval_pipe, num_classes, image_shape = _streaming_pipelines(config, mesh)
-  else:
-    train_pipe, eval_pipe, num_classes, image_shape = _in_memory_pipelines(config, mesh)
-  log(f"data: {config.data.name} ({'tf.data' if streaming else 'in memory'}), "
-      f"{train_pipe.steps_per_epoch} steps per epoch, {num_classes} classes, images {image_shape}")
-
+  data = data_lib.build(config, mesh)
   dtype, axis = DTYPES[config.dtype], runner.axis_name
-  student = models.get_model(config.student.model, num_classes, dtype=dtype, axis_name=axis)
-  teacher = (models.get_model(config.teacher.model, num_classes, dtype=dtype, axis_name=axis)
+  objective = objective_lib.Objective.from_config(config.distill)
+  student = models.get_model(config.student.model, data.num_classes, dtype=dtype, axis_name=axis)
+  teacher = (models.get_model(config.teacher.model, data.num_classes, dtype=dtype, axis_name=axis)
              if config.teacher.model else None)
-  teacher_taps = _taps(teacher, image_shape) if teacher else None
-  objective.check_taps(_taps(student, image_shape), teacher_taps)
-  sample = jnp.zeros((1, *image_shape), jnp.float32)
-
+  teacher_taps = _taps(teacher, data.image_shape) if teacher else None
+  objective.check_taps(list(_taps(student, data.image_shape)), teacher_taps and list(teacher_taps))
+  student = objective_lib.student_module(student, objective, teacher_taps)
+  sample = jnp.zeros((1, *data.image_shape), jnp.float32)
   teacher_variables = None
   if teacher is not None:
-    teacher_variables = _load_or_train_teacher(config, teacher, sample, log)
-  regressor = None
-  if objective.uses_fitnet:
-    s_tap, t_tap = objective.fitnet_layer
-    _, t_feats = jax.eval_shape(lambda: teacher.apply(teacher_variables, sample, train=False))
-    regressor = objective_lib.HintRegressor(teacher_shape=t_feats[t_tap].shape[1:], student_tap=s_tap,
-                                            dtype=dtype, axis_name=axis)
-  run_models = train.Models(student, teacher, regressor, config.teacher.batchnorm)
+    template = jax.eval_shape(lambda: teacher.init(jax.random.key(0), sample, train=False))
+    teacher_variables = checkpoints.load_teacher_variables(config.teacher.workdir, template)
 
-  steps_per_epoch = train_pipe.steps_per_epoch
+  steps_per_epoch = data.train.steps_per_epoch
   total_steps = config.schedule.epochs * steps_per_epoch
   lr_fn = train.step_schedule(config.optim.learning_rate, steps_per_epoch, config.schedule.decay_epochs,
                               config.schedule.decay_factor)
   optimizer = train.make_optimizer(lr_fn, config.optim.momentum, config.optim.nesterov,
                                    config.optim.weight_decay)
-  rng = jax.random.key(config.seed)
-  state = train.create_train_state(run_models, optimizer, sample, jax.random.fold_in(rng, 1))
+  state = train.create_train_state(student, optimizer, sample, jax.random.key(config.seed))
 
-  ckpt = checkpoints.Checkpointer(workdir, save_every_steps=config.logging.checkpoint_every_steps,
-                                  keep=config.logging.keep_checkpoints)
-  results = {"epochs": [], "best_top1": 0.0, "best_epoch": 0}
-  start_step = 0
-  if ckpt.latest_step() is not None:
-    restored, metadata = ckpt.restore(_checkpoint_tree(state, rng))
-    state, rng = _from_checkpoint_tree(state, restored)
-    start_step, results = int(metadata["step"]), metadata["results"]
-    log(f"resumed from step {start_step} (epoch {start_step / steps_per_epoch:.2f})")
-
-  train_fn = runner.compile_train(train.train_body(run_models, objective, lr_fn))
-  eval_student = runner.compile_eval(train.eval_body(student))
-  state = runner.put_replicated(state)
-  t_vars = runner.put_replicated(teacher_variables) if teacher is not None else None
-  if teacher is not None and "teacher" not in results:
-    results["teacher"] = evaluate(runner.compile_eval(train.eval_body(teacher)), t_vars, eval_pipe)
-    log(f"teacher {config.teacher.model}: top-1 {results['teacher']['top1']:.2f}%, "
-        f"top-5 {results['teacher']['top5']:.2f}% on {results['teacher']['count']} examples")
-
-  writer = _summary_writer(workdir)
-  uninstall_sigterm = checkpoints.install_preemption_handler()
-  log(f"training {config.student.model}{' from ' + config.teacher.model if teacher else ''}: "
-      f"{config.schedule.epochs} epochs x {steps_per_epoch} steps, from step {start_step}")
+  os.makedirs(workdir, exist_ok=True)
+  first_step_done = False
   try:
-    step, timer, timed_steps = start_step, time.perf_counter(), 0
-    batches = train_pipe.iterate(start_step)  # the data position is the step
-    while step < total_steps:
-      state, metrics = train_fn(state, t_vars, next(batches), rng)
-      step += 1
-      timed_steps += 1
-      epoch_end = step % steps_per_epoch == 0
-      # Asked once per step: in multi-host runs this is also the preemption sync point.
-      save_step = ckpt.should_save(step)
-      if step % config.logging.log_every_steps == 0 or epoch_end or save_step:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(metrics, step)
-        elapsed = time.perf_counter() - timer
-        rate = timed_steps / max(elapsed, 1e-9)
-        eta = (total_steps - step) / rate
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-        log(f"step {step}/{total_steps} ({rate:.2f} steps/s, ETA {eta / 60:.1f} min): {terms}")
-        if writer:
-          for k, v in metrics.items():
-            writer.scalar(k, v, step)
-        timer, timed_steps = time.perf_counter(), 0
-      if epoch_end and (step // steps_per_epoch) % config.logging.eval_every_epochs == 0:
-        epoch = step // steps_per_epoch
-        accuracy = evaluate(eval_student, train.student_variables(state), eval_pipe)
-        results["epochs"].append({"epoch": epoch, "top1": accuracy["top1"], "top5": accuracy["top5"]})
-        if accuracy["top1"] > results["best_top1"]:
-          results["best_top1"], results["best_epoch"] = accuracy["top1"], epoch
-        log(f"epoch {epoch}: eval top-1 {accuracy['top1']:.2f}%, top-5 {accuracy['top5']:.2f}% "
-            f"(best {results['best_top1']:.2f}% at epoch {results['best_epoch']})")
-        if writer:
-          writer.scalar("eval_accuracy", accuracy["top1"], step)
-          writer.scalar("eval_top5_accuracy", accuracy["top5"], step)
-      preempted = checkpoints.preemption_requested()
-      if save_step or preempted or step == total_steps:
-        # Only on save steps: under pmap, taking one replica of the state is a device op per leaf.
-        ckpt.save(step, _checkpoint_tree(runner.get_replicated(state), rng),
-                  {"step": step, "results": results}, force=preempted or step == total_steps)
-      if preempted:
-        log(f"SIGTERM: saved step {step} and stopping; run the same command to resume")
-        break
-    if step >= total_steps and results["epochs"]:
-      last = results["epochs"][-1]
-      results.update(last_top1=last["top1"], last_top5=last["top5"], finished=True)
-      _write_json(os.path.join(workdir, "results.json"), results)
-      log(f"done: last top-1 {last['top1']:.2f}%, best {results['best_top1']:.2f}% "
-          f"(epoch {results['best_epoch']})")
-  finally:
-    uninstall_sigterm()
-    ckpt.wait_until_finished()
-    ckpt.close()
-    if writer:
-      writer.flush()
+    _setup_logging(workdir)
+    logger.info(f"nst_jax {stage.name} stage: {jax.process_count()} process(es), {jax.device_count()} "
+                f"device(s) ({jax.devices()[0].platform}), {jax.local_device_count()} local; global batch "
+                f"{global_batch}, {per_device} per device; parallel={config.parallel}, dtype={config.dtype}; "
+                f"workdir {workdir}")
+    logger.info(f"data: {config.data.name} ({data.pipeline} pipeline), {steps_per_epoch} steps per epoch, "
+                f"{data.num_classes} classes, images {data.image_shape}")
+    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    ckpt = checkpoints.Checkpointer(workdir, save_every_steps=config.logging.checkpoint_every_steps,
+                                    save_every_minutes=config.logging.checkpoint_every_minutes,
+                                    keep=config.logging.keep_checkpoints)
+    results = {"epochs": [], "best_top1": 0.0, "best_top5": 0.0, "best_epoch": 0, "finished": False}
+    start_step, window = 0, _Window()
+    if ckpt.latest_step() is not None:
+      state, metadata = ckpt.restore(state)
+      start_step, results = int(metadata["step"]), metadata["results"]
+      window = _Window(metadata.get("epoch_sums"), metadata.get("epoch_steps", 0))
+      logger.info(f"resumed from step {start_step} (epoch {start_step / steps_per_epoch:.2f})")
+
+    train_fn = runner.compile_train(train.train_body(train.Models(student, teacher,
+                                                                  config.teacher.batchnorm),
+                                                     objective, lr_fn))
+    eval_student = runner.compile_eval(train.eval_body(student))
+    state = runner.put_replicated(state)
+    t_vars = runner.put_replicated(teacher_variables) if teacher is not None else None
+    if teacher is not None and "teacher" not in results:
+      results["teacher"] = accuracy(runner, runner.compile_eval(train.eval_body(teacher)), t_vars,
+                                             data.eval)
+      logger.info(f"teacher {config.teacher.model}: top-1 {results['teacher']['top1']:.2f}%, "
+                  f"top-5 {results['teacher']['top5']:.2f}% on {results['teacher']['count']} examples")
+    writer = _summary_writer(workdir)
+    logger.info(f"training {config.student.model}{' from ' + config.teacher.model if teacher else ''}: "
+                f"{config.schedule.epochs} epochs x {steps_per_epoch} steps, from step {start_step}")
+    step, steady_since, steady_step = start_step, None, start_step
+    batches = data.train.iterate(start_step)  # The data position is the step.
+    try:
+      while step < total_steps:
+        state, metrics = train_fn(state, t_vars, runner.put_batch(next(batches)))
+        step += 1
+        window.add(metrics)
+        if not first_step_done:  # The ETA counts steady-state steps only, not the compilation.
+          jax.block_until_ready(metrics)
+          first_step_done, steady_since, steady_step = True, time.perf_counter(), step
+        epoch, epoch_end = divmod(step, steps_per_epoch)[0], step % steps_per_epoch == 0
+        save_due = ckpt.should_save(step)  # Once per step: in multi-process runs the preemption sync point.
+        preempted = ckpt.reached_preemption(step)
+        save_due = save_due or step == total_steps or (
+            epoch_end and config.logging.checkpoint_every_epochs and
+            epoch % config.logging.checkpoint_every_epochs == 0)
+        if step % config.logging.log_every_steps == 0 or epoch_end or save_due:
+          means = window.flush(runner)
+          _check_finite(means, step)
+          steady = step - steady_step
+          rate = steady / max(time.perf_counter() - steady_since, 1e-9) if steady else None
+          eta = f"ETA {(total_steps - step) / rate / 60:.1f} min" if rate else "ETA after the first steps"
+          terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items()))
+          speed = f"{rate:.2f} steps/s, " if rate else ""
+          logger.info(f"step {step}/{total_steps} ({speed}{eta}): {terms} (means over the window)")
+          if writer:
+            for k, v in means.items():
+              writer.scalar(k, v, step)
+        if epoch_end and (epoch % config.logging.eval_every_epochs == 0 or step == total_steps):
+          acc = accuracy(runner, eval_student, train.student_variables(state), data.eval)
+          results["epochs"].append({"epoch": epoch, "top1": acc["top1"], "top5": acc["top5"],
+                                    "train": window.end_epoch()})
+          if acc["top1"] > results["best_top1"]:
+            results["best_top1"], results["best_epoch"] = acc["top1"], epoch
+          results["best_top5"] = max(results.get("best_top5", 0.0), acc["top5"])
+          logger.info(f"epoch {epoch}: eval top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}% "
+                      f"(best {results['best_top1']:.2f}% at epoch {results['best_epoch']})")
+          if writer:
+            writer.scalar("eval_accuracy", acc["top1"], step)
+            writer.scalar("eval_top5_accuracy", acc["top5"], step)
+        elif epoch_end:
+          window.end_epoch()
+        if save_due or preempted:
+          ckpt.save(step, runner.get_replicated(state),
+                    {"step": step, "results": results, "epoch_sums": window.epoch_sums,
+                     "epoch_steps": window.epoch_steps}, force=True)
+        if preempted:
+          break
+      if step >= total_steps:
+        last = results["epochs"][-1]
+        results.update(last_top1=last["top1"], last_top5=last["top5"], finished=True)
+    finally:
+      ckpt.wait_until_finished()
+      ckpt.close()
+      if writer:
+        writer.flush()
+  except BaseException:
+    if created and not first_step_done and jax.process_index() == 0:
+      shutil.rmtree(workdir, ignore_errors=True)  # Nothing was trained: leave no half-made workdir.
+    raise
+  wall = time.perf_counter() - wall_start
+  timings = [] if timings is None else timings
+  timings.append({"name": stage.name, "workdir": workdir, "start": started, "end": time.time(),
+                  "wall_s": wall, "steps": step - start_step})
+  record = {**run_record.describe(config), "stage": stage.name, "start": started, "end": time.time(),
+            "wall_s": wall, "stages": list(timings), "finished": results["finished"]}
+  write_json(os.path.join(workdir, "run.json"), record)
+  if not results["finished"]:
+    signal_name = checkpoints.preemption_signal() or "preemption"
+    logger.info(f"{signal_name}: saved step {step} and stopping; run the same command to resume")
+    raise Preempted(signal_name, stage.name, workdir, step)
+  write_json(os.path.join(workdir, RESULTS), results)
+  logger.info(f"done: last top-1 {results['last_top1']:.2f}%, best {results['best_top1']:.2f}% "
+              f"(epoch {results['best_epoch']}); results in {os.path.join(workdir, RESULTS)}")
   return results
+
+
+def accuracy(runner: parallel.Runner, eval_fn, variables, pipeline) -> dict[str, float]:
+  """Top-1 / top-5 accuracy (%) from exact sums over the whole eval split, padded batch included."""
+  totals = {"top1_correct": 0.0, "top5_correct": 0.0, "count": 0.0}
+  for batch in pipeline.eval_batches():
+    sums = runner.metrics_to_host(eval_fn(variables, runner.put_batch(batch)))
+    totals = {k: totals[k] + sums[k] for k in totals}
+  count = max(totals["count"], 1.0)
+  return {"top1": 100.0 * totals["top1_correct"] / count, "top5": 100.0 * totals["top5_correct"] / count,
+          "count": int(totals["count"])}
 
 
 def _check_finite(metrics, step):
   bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
   if bad:
-    raise FloatingPointError(f"Non-finite loss at step {step}: {bad} (all terms: {metrics}). The last "
-                             "finite checkpoint is kept; lower the learning rate or a loss weight.")
-
-
-def _checkpoint_tree(state: train.TrainState, rng) -> dict:
-  """What a checkpoint holds: the student's variables at the top (so it can serve as a teacher), the
-  regressor's, the optimizer state, the step and the rng as raw key data."""
-  tree = {"params": state.params["student"], "batch_stats": state.batch_stats["student"],
-          "opt_state": state.opt_state, "step": state.step, "rng": jax.random.key_data(rng)}
-  if "regressor" in state.params:
-    tree["regressor"] = {"params": state.params["regressor"],
-                         "batch_stats": state.batch_stats["regressor"]}
-  return tree
-
-
-def _from_checkpoint_tree(state: train.TrainState, tree: dict):
-  params, batch_stats = {"student": tree["params"]}, {"student": tree["batch_stats"]}
-  if "regressor" in tree:
-    params["regressor"], batch_stats["regressor"] = tree["regressor"]["params"], tree["regressor"][
-        "batch_stats"]
-  state = state.replace(params=params, batch_stats=batch_stats, opt_state=tree["opt_state"],
-                        step=tree["step"])
-  return state, jax.random.wrap_key_data(tree["rng"])
-
-
-def _load_or_train_teacher(config, teacher, sample, log):
-  """The teacher's variables from its own run; trains it there first when it has no checkpoint."""
-  if not config.teacher.workdir:
-    raise ValueError("config.teacher.workdir must name the teacher's run directory (its checkpoints are "
-                     "loaded from there).")
-  template = jax.eval_shape(lambda: teacher.init(jax.random.key(0), sample, train=False))
-  has_checkpoint = os.path.isdir(checkpoints.checkpoint_dir(config.teacher.workdir)) and any(
-      p.name.isdigit() for p in checkpoints.checkpoint_dir(config.teacher.workdir).iterdir())
-  teacher_results = os.path.join(config.teacher.workdir, "results.json")
-  if not os.path.exists(teacher_results) and config.teacher.config:
-    log(f"teacher {config.teacher.model} is not trained yet{' (resuming it)' if has_checkpoint else ''}: "
-        f"training it first with {config.teacher.config} in {config.teacher.workdir}")
-    teacher_config = load_config_file(config.teacher.config)
-    if teacher_config.student.model != config.teacher.model:
-      raise ValueError(f"config.teacher.config {config.teacher.config!r} trains "
-                       f"{teacher_config.student.model!r}, but config.teacher.model is "
-                       f"{config.teacher.model!r}.")
-    train_and_evaluate(teacher_config, config.teacher.workdir)
-  return checkpoints.load_teacher_variables(config.teacher.workdir, template)
+    raise FloatingPointError(f"Non-finite loss at step {step}: {bad} (window means of all terms: {metrics}). "
+                             "The last finite checkpoint is kept; lower the learning rate or a loss weight.")
