@@ -54,6 +54,23 @@ from configs import _paper
 
 METHODS = _paper.CIFAR_METHODS
 
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# (tests/references_test.py checks that the two agree).
+_SOURCE = "NST paper, CIFAR-100 table (ResNet-1001 -> Inception-BN), 100 - error"
+REFERENCE = {
+    "ce": (74.37, f"{_SOURCE} 25.63 of row student"),
+    "kd": (77.82, f"{_SOURCE} 22.18 of row KD"),
+    "fitnet": (76.52, f"{_SOURCE} 23.48 of row FitNet"),
+    "at": (75.69, f"{_SOURCE} 24.31 of row AT"),
+    "nst_linear": (75.72, f"{_SOURCE} 24.28 of row NST linear"),
+    "nst_poly": (76.54, f"{_SOURCE} 23.46 of row NST polynomial"),
+    "nst_gaussian": (76.15, f"{_SOURCE} 23.85 of row NST Gaussian"),
+    "kd_fitnet": (77.71, f"{_SOURCE} 22.29 of row KD + FitNet"),
+    "kd_nst": (78.52, f"{_SOURCE} 21.48 of row KD + NST (poly)"),
+    "kd_fitnet_nst": (77.75, f"{_SOURCE} 22.25 of row KD + FitNet + NST"),
+    "teacher": (79.50, f"{_SOURCE} 20.50 of row teacher"),
+}
+
 
 def get_config(method: str = _paper.DEFAULT_METHOD):
   return _paper.cifar_student_config("cifar100", method)

@@ -54,6 +54,23 @@ from configs import _paper
 
 METHODS = _paper.CIFAR_METHODS
 
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# (tests/references_test.py checks that the two agree).
+_SOURCE = "NST paper, CIFAR-10 table (ResNet-1001 -> Inception-BN), 100 - error"
+REFERENCE = {
+    "ce": (94.20, f"{_SOURCE} 5.80 of row student"),
+    "kd": (95.53, f"{_SOURCE} 4.47 of row KD"),
+    "fitnet": (95.25, f"{_SOURCE} 4.75 of row FitNet"),
+    "at": (95.36, f"{_SOURCE} 4.64 of row AT"),
+    "nst_linear": (95.13, f"{_SOURCE} 4.87 of row NST linear"),
+    "nst_poly": (95.61, f"{_SOURCE} 4.39 of row NST polynomial"),
+    "nst_gaussian": (95.52, f"{_SOURCE} 4.48 of row NST Gaussian"),
+    "kd_fitnet": (95.46, f"{_SOURCE} 4.54 of row KD + FitNet"),
+    "kd_nst": (95.79, f"{_SOURCE} 4.21 of row KD + NST (poly)"),
+    "kd_fitnet_nst": (95.46, f"{_SOURCE} 4.54 of row KD + FitNet + NST"),
+    "teacher": (95.96, f"{_SOURCE} 4.04 of row teacher"),
+}
+
 
 def get_config(method: str = _paper.DEFAULT_METHOD):
   return _paper.cifar_student_config("cifar10", method)

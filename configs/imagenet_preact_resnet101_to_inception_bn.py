@@ -50,6 +50,21 @@ from configs import _paper
 
 METHODS = _paper.IMAGENET_METHODS
 
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# (tests/references_test.py checks that the two agree).
+_SOURCE = "NST paper, ImageNet (ResNet-101 -> Inception-BN), 100 - top-1 error"
+REFERENCE = {
+    "ce": (74.26, f"{_SOURCE} 25.74 of row student (top-5 error 8.07)"),
+    "kd": (75.44, f"{_SOURCE} 24.56 of row KD (top-5 error 7.35)"),
+    "fitnet": (74.70, f"{_SOURCE} 25.30 of row FitNet (top-5 error 7.93)"),
+    "at": (74.90, f"{_SOURCE} 25.10 of row AT (top-5 error 7.61)"),
+    "nst": (75.18, f"{_SOURCE} 24.82 of row NST (top-5 error 7.58)"),
+    "kd_fitnet": (75.52, f"{_SOURCE} 24.48 of row KD + FitNet (top-5 error 7.27)"),
+    "kd_at": (75.36, f"{_SOURCE} 24.64 of row KD + AT (top-5 error 7.26)"),
+    "kd_nst": (75.66, f"{_SOURCE} 24.34 of row KD + NST (top-5 error 7.11)"),
+    "teacher": (77.32, f"{_SOURCE} 22.68 of row teacher (top-5 error 6.58)"),
+}
+
 
 def get_config(method: str = _paper.DEFAULT_METHOD):
   return _paper.imagenet_student_config(method)
