@@ -10,7 +10,6 @@ Nothing here may stop a run: a missing git, a package that is not installed or a
 git repository give None for that entry, never an exception.
 """
 
-import datetime
 import importlib.metadata
 import json
 import os
@@ -30,11 +29,6 @@ ENVIRONMENT = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "JAX_DEFAULT_MATM
                "CUDA_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-
-
-def timestamp() -> str:
-  """Now as ISO 8601 with the UTC offset, seconds precision (the format of every time in run.json)."""
-  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def _git(*args: str) -> str | None:
