@@ -3,18 +3,20 @@
 The model zoo reproduces PyTorch networks (RepDistiller, torchvision, the official NST code) so that
 parameter counts, FLOPs and converted weights carry over. These wrappers fix the conventions once:
 
-* BatchNorm uses PyTorch's defaults: epsilon 1e-5 and running-average momentum 0.1 (Flax counts the
-  momentum the other way round, so 0.9 here). It normalises with batch statistics when `train` and with
-  the running statistics otherwise, and only updates them in training. With `axis_name` set (the pmap
+* BatchNorm follows PyTorch: epsilon 1e-5, running-average momentum 0.1, and running variances that
+  track the unbiased batch variance. It normalises with batch statistics when `train` and with the
+  running statistics otherwise, and only updates them in training. With `axis_name` set (the pmap
   path), batch statistics are averaged over that device axis (synchronised BatchNorm).
 * Convolutions use He (fan-out) normal initialisation, as torchvision and RepDistiller do.
 * `dtype` is the compute dtype (e.g. bfloat16); parameters stay float32 (`param_dtype`).
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
 
@@ -49,9 +51,79 @@ class Conv(nn.Module):
     )(x)
 
 
-class BatchNorm(nn.Module):
-  """BatchNorm with PyTorch's defaults; batch statistics in training, running ones in evaluation.
+MOMENTUM = 0.1  # PyTorch's: running = (1 - MOMENTUM) * running + MOMENTUM * batch statistic.
 
+
+def batch_moments(x, axis_name: str | None = None):
+  """Per-channel (mean, biased variance, n) over every axis of `x` but the last.
+
+  n is the number of elements per channel, on all devices of `axis_name` together when it is set (the
+  moments are then the global ones, assuming every device holds as many elements). The variance is the
+  two-pass mean of squared deviations, not E[x^2] - E[x]^2, whose cancellation costs float32 digits on
+  maps with a large mean; PyTorch's CPU and cuDNN kernels are two-pass-accurate too.
+  """
+  axes = tuple(range(x.ndim - 1))
+  count = math.prod(x.shape[:-1])
+  mean = jnp.mean(x, axes)
+  if axis_name is not None:
+    mean = lax.pmean(mean, axis_name)
+  var = jnp.mean(jnp.square(x - mean), axes)
+  if axis_name is not None:
+    var = lax.pmean(var, axis_name)
+    count *= lax.axis_size(axis_name)
+  return mean, var, count
+
+
+class _BatchNormCore(nn.Module):
+  """The normalisation and its variables (`scale`, `bias`; `mean`, `var` in `batch_stats`).
+
+  `BatchNorm` calls it as `BatchNorm_0`, the child name and variable names of Flax's `nn.BatchNorm`,
+  so every parameter tree of the zoo has the layout `nn.BatchNorm` gives.
+  """
+
+  dtype: Dtype
+  axis_name: str | None
+  scale_init: Any
+  use_scale: bool
+  epsilon: float
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    channels = x.shape[-1]
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    # Statistics in at least float32, also for bfloat16 activations.
+    x_stats = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+    if train:
+      initializing = self.is_initializing()
+      # `init` may run outside the device map, so it must not touch the axis.
+      mean, var, count = batch_moments(x_stats, None if initializing else self.axis_name)
+      if not initializing:
+        if count < 2:
+          raise ValueError(f"BatchNorm in training needs more than one value per channel, got input shape "
+                           f"{x.shape}{f' per device on axis {self.axis_name!r}' if self.axis_name else ''}.")
+        # PyTorch's convention: normalise with the biased variance, but track the unbiased one.
+        unbiased_var = var * (count / (count - 1))
+        running_mean.value = (1 - MOMENTUM) * running_mean.value + MOMENTUM * mean
+        running_var.value = (1 - MOMENTUM) * running_var.value + MOMENTUM * unbiased_var
+    else:
+      mean, var = running_mean.value, running_var.value
+
+    multiplier = lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      multiplier = multiplier * self.param("scale", self.scale_init, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    return ((x_stats - mean) * multiplier + bias).astype(self.dtype)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with PyTorch's defaults and running-statistics convention.
+
+  Training normalises with the batch mean and biased variance and moves the running statistics by
+  momentum 0.1 towards the batch mean and the *unbiased* variance (times n / (n - 1), n the elements per
+  channel, over all devices of `axis_name`), as PyTorch does, so running variances agree with a PyTorch
+  model trained on the same batches. Evaluation normalises with the running statistics and leaves them.
   `use_scale=False` is MXNet's `fix_gamma=True` (a scale pinned at 1 is no parameter at all);
   `epsilon` can be set to MXNet's 2e-5 where exact parity with converted MXNet weights matters.
   """
@@ -64,16 +136,8 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=self.epsilon,
-        use_scale=self.use_scale,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        axis_name=self.axis_name,
-        scale_init=self.scale_init,
-    )(x)
+    return _BatchNormCore(self.dtype, self.axis_name, self.scale_init, self.use_scale, self.epsilon,
+                          name="BatchNorm_0")(x, train)
 
 
 # PyTorch's default `nn.Linear` weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1/(3 fan_in).
