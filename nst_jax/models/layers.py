@@ -24,7 +24,12 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class Conv(nn.Module):
-  """2-D convolution on NHWC inputs with PyTorch-style symmetric integer padding."""
+  """2-D convolution on NHWC inputs with PyTorch-style symmetric integer padding.
+
+  The arithmetic is `nst_jax.models.conv.conv2d` (XLA's convolution on GPU/TPU, exact faster gradient
+  formulations on CPU; `conv.use_impl("xla")` selects plain XLA everywhere); the parameters are
+  `flax.linen.Conv`'s, so checkpoints and converted weights do not depend on the implementation.
+  """
 
   features: int
   kernel_size: int = 3
@@ -37,6 +42,8 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    from nst_jax.models import conv
+
     pad = self.kernel_size // 2 if self.padding is None else self.padding
     return nn.Conv(
         self.features,
@@ -48,6 +55,7 @@ class Conv(nn.Module):
         kernel_init=self.kernel_init,
         dtype=self.dtype,
         param_dtype=jnp.float32,
+        conv_general_dilated=conv.conv_general_dilated,
     )(x)
 
 

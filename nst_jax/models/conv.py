@@ -1,0 +1,237 @@
+"""The zoo's 2-D convolution: XLA's own on GPU and TPU, exact faster formulations of its gradients on CPU.
+
+XLA:CPU computes the kernel gradient of a convolution as another convolution with the batch as the
+contracted feature axis, which runs 2-10x slower than the forward pass (and grouped and depthwise
+convolutions, forward and backward, 10-50x slower than the same arithmetic as shifted elementwise
+products). `conv2d` is a `jax.custom_vjp` whose forward pass and gradients are chosen, per
+configuration, at lowering time by `lax.platform_dependent`:
+
+* every platform but CPU: `lax.conv_general_dilated` and its autodiff gradients, i.e. exactly what the
+  model would compute without this module (cuDNN on GPU);
+* CPU, `groups == 1`: XLA's forward pass and input gradient (fast there), and the kernel gradient as a
+  sum over the k*k kernel offsets of (shifted, strided input)^T @ (output gradient) matrix products;
+* CPU, depthwise (one input channel per group, as in MobileNetV2 and ShuffleNet): the convolution as
+  k*k shifted elementwise products, and its gradients by autodiff of that form (pads and reductions);
+* CPU, grouped 1x1 (ShuffleNet v1): a batched matrix product over the groups, gradients by autodiff.
+
+Every formulation is exact up to float32 summation order (the tests compare each one with `jax.vjp` of
+`lax.conv_general_dilated`). In bfloat16 the matrix products and the depthwise sums accumulate in
+float32 and round once, as XLA's own convolution does.
+
+The implementation is chosen at trace time, process-wide: `use_impl("xla")` (a context manager) or
+`set_impl("xla")` makes every convolution traced afterwards a plain `lax.conv_general_dilated`, the
+reference path. A function that is already jitted keeps the implementation it was traced with.
+"""
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "xla")
+
+_IMPL = contextvars.ContextVar("nst_jax_conv_impl", default="auto")
+
+# NHWC images, HWIO kernels: the layout of every model of the zoo (and of `flax.linen.Conv`).
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _check_impl(name: str) -> str:
+  if name not in IMPLS:
+    raise ValueError(f"Unknown convolution implementation {name!r}. Valid: {', '.join(IMPLS)}.")
+  return name
+
+
+def get_impl() -> str:
+  """The implementation convolutions traced now will use."""
+  return _IMPL.get()
+
+
+def set_impl(name: str) -> None:
+  """Sets the implementation for every convolution traced from now on ("auto" or "xla")."""
+  _IMPL.set(_check_impl(name))
+
+
+@contextlib.contextmanager
+def use_impl(name: str):
+  """Within the block, convolutions are traced with implementation `name`."""
+  token = _IMPL.set(_check_impl(name))
+  try:
+    yield
+  finally:
+    _IMPL.reset(token)
+
+
+def xla_conv(x, kernel, strides, padding, groups):
+  """`lax.conv_general_dilated` on NHWC / HWIO: the reference every formulation here must equal."""
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DIMENSION_NUMBERS,
+                                  feature_group_count=groups)
+
+
+def conv2d(x, kernel, strides: Sequence[int] = (1, 1), padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+           groups: int = 1):
+  """2-D convolution of NHWC `x` with an HWIO `kernel` (in channels per group on axis 2), explicit
+  (low, high) `padding` per spatial axis. With implementation "xla" it is `xla_conv`."""
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if get_impl() == "xla" or not _supported(x, kernel, padding, groups):
+    return xla_conv(x, kernel, strides, padding, groups)
+  return _conv(x, kernel, strides, padding, groups)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):
+  """`lax.conv_general_dilated`'s signature, for `flax.linen.Conv(conv_general_dilated=...)`: NHWC /
+  HWIO convolutions with explicit padding and no dilation go through `conv2d`, anything else to lax."""
+  plain = (lhs.ndim == 4 and not isinstance(padding, str) and _is_nhwc_hwio(dimension_numbers)
+           and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+           and batch_group_count == 1 and precision is None and preferred_element_type is None)
+  if not plain:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count, precision,
+                                    preferred_element_type)
+  return conv2d(lhs, rhs, window_strides, padding, feature_group_count)
+
+
+def _is_nhwc_hwio(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  return tuple(dimension_numbers) == _DIMENSION_NUMBERS
+
+
+def _supported(x, kernel, padding, groups) -> bool:
+  """Configurations with a CPU formulation here; the others (e.g. grouped k x k) stay XLA's alone."""
+  if any(p < 0 for pair in padding for p in pair) or x.dtype != kernel.dtype:
+    return False
+  return groups == 1 or _is_depthwise(x, kernel, groups) or _is_grouped_pointwise(kernel, groups)
+
+
+def _is_depthwise(x, kernel, groups) -> bool:
+  return groups == x.shape[-1] and kernel.shape[2] == 1 and kernel.shape[3] == groups
+
+
+def _is_grouped_pointwise(kernel, groups) -> bool:
+  return groups > 1 and kernel.shape[:2] == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The custom VJP: the platform picks the formulation at lowering time.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, strides, padding, groups):
+  return _forward(x, kernel, strides, padding, groups)
+
+
+def _forward(x, kernel, strides, padding, groups):
+  if groups == 1:  # XLA's forward pass is its fastest on CPU too.
+    return xla_conv(x, kernel, strides, padding, groups)
+  return lax.platform_dependent(x, kernel, cpu=functools.partial(_cpu_grouped, strides=strides,
+                                                                  padding=padding, groups=groups),
+                                default=functools.partial(xla_conv, strides=strides, padding=padding,
+                                                          groups=groups))
+
+
+def _conv_fwd(x, kernel, strides, padding, groups):
+  return _forward(x, kernel, strides, padding, groups), (x, kernel)
+
+
+def _conv_bwd(strides, padding, groups, residuals, grad):
+  x, kernel = residuals
+  return lax.platform_dependent(x, kernel, grad, cpu=functools.partial(_cpu_vjp, strides=strides,
+                                                                        padding=padding, groups=groups),
+                                default=functools.partial(_xla_vjp, strides=strides, padding=padding,
+                                                          groups=groups))
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _xla_vjp(x, kernel, grad, *, strides, padding, groups):
+  _, vjp = jax.vjp(functools.partial(xla_conv, strides=strides, padding=padding, groups=groups), x, kernel)
+  return vjp(grad)
+
+
+def _cpu_vjp(x, kernel, grad, *, strides, padding, groups):
+  if groups == 1:
+    _, vjp_x = jax.vjp(lambda x_: xla_conv(x_, kernel, strides, padding, 1), x)
+    (dx,) = vjp_x(grad)
+    return dx, kernel_grad(x, grad, kernel.shape[:2], strides, padding).astype(kernel.dtype)
+  _, vjp = jax.vjp(functools.partial(_cpu_grouped, strides=strides, padding=padding, groups=groups), x,
+                   kernel)
+  return vjp(grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU formulations.
+
+
+def _accumulation_dtype(dtype):
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def shifted_inputs(x, kernel_hw, strides, padding, out_hw):
+  """The k*k (shifted, strided) views of the padded input that kernel offset (i, j) meets, each
+  (B, OH, OW, C), in row-major (i, j) order."""
+  (pt, pb), (pl, pr) = padding
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  (kh, kw), (sh, sw), (oh, ow) = kernel_hw, strides, out_hw
+  batch, channels = x.shape[0], x.shape[-1]
+  return [lax.slice(xp, (0, i, j, 0), (batch, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, channels),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
+def kernel_grad(x, grad, kernel_hw, strides, padding):
+  """d loss / d kernel of a `groups == 1` convolution as k*k matrix products: entry (i, j) is
+  (input view (i, j))^T @ grad, contracted over all B * OH * OW output positions (float32 accumulation)."""
+  batch, oh, ow, out_channels = grad.shape
+  acc = _accumulation_dtype(x.dtype)
+  g = grad.reshape(batch * oh * ow, out_channels)
+  views = shifted_inputs(x, kernel_hw, strides, padding, (oh, ow))
+  taps = [lax.dot_general(v.reshape(batch * oh * ow, -1), g, (((0,), (0,)), ((), ())),
+                          preferred_element_type=acc) for v in views]
+  return jnp.stack(taps).reshape(*kernel_hw, x.shape[-1], out_channels)
+
+
+def _output_hw(x, kernel_hw, strides, padding):
+  return tuple((x.shape[1 + a] + sum(padding[a]) - kernel_hw[a]) // strides[a] + 1 for a in range(2))
+
+
+def _cpu_grouped(x, kernel, *, strides, padding, groups):
+  """Depthwise or grouped 1x1 convolution without XLA's grouped convolution."""
+  if _is_depthwise(x, kernel, groups):
+    return depthwise(x, kernel, strides, padding)
+  return grouped_pointwise(x, kernel, strides, padding, groups)
+
+
+def depthwise(x, kernel, strides, padding):
+  """Depthwise convolution (kernel (kh, kw, 1, C)) as the sum over offsets of view * kernel[i, j]."""
+  kernel_hw = kernel.shape[:2]
+  out_hw = _output_hw(x, kernel_hw, strides, padding)
+  acc = _accumulation_dtype(x.dtype)
+  taps = kernel.reshape(-1, kernel.shape[-1]).astype(acc)
+  views = shifted_inputs(x, kernel_hw, strides, padding, out_hw)
+  out = functools.reduce(jnp.add, [v.astype(acc) * taps[t] for t, v in enumerate(views)])
+  return out.astype(x.dtype)
+
+
+def grouped_pointwise(x, kernel, strides, padding, groups):
+  """Grouped 1x1 convolution as one matrix product per group (a batched dot over the groups)."""
+  (x_view,) = shifted_inputs(x, (1, 1), strides, padding, _output_hw(x, (1, 1), strides, padding))
+  batch, oh, ow, in_channels = x_view.shape
+  per_group_in, out_channels = kernel.shape[2], kernel.shape[3]
+  lhs = x_view.reshape(batch * oh * ow, groups, per_group_in)
+  # HWIO grouped kernel: output channel g * (out / groups) + o reads input channels of group g.
+  rhs = kernel.reshape(per_group_in, groups, out_channels // groups)
+  out = lax.dot_general(lhs, rhs, (((2,), (0,)), ((1,), (1,))), preferred_element_type=_accumulation_dtype(
+      x.dtype))  # (groups, N, out / groups)
+  del in_channels
+  return jnp.moveaxis(out, 0, 1).reshape(batch, oh, ow, out_channels).astype(x.dtype)
