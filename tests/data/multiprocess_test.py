@@ -61,7 +61,13 @@ def two_processes(tmp_path_factory):
   command = [sys.executable, "-m", "tests.data.multiprocess_worker"]
   procs = [subprocess.Popen([*command, str(i), str(port), str(out), str(out / "tfds")], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
+  try:
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:  # One process failing leaves the other waiting for it: end both.
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate()
   for p, log in zip(procs, logs, strict=True):
     assert p.returncode == 0, log
   rows = [dict(np.load(out / f"process{i}.npz")) for i in (0, 1)]
