@@ -16,6 +16,7 @@ neither picks nor changes a backend for the rest of the process.
 import os
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 _MARKERS_UP_TO = 20  # Epochs; with more, markers would hide the line.
@@ -35,6 +36,7 @@ def band(runs: list[list[dict]], key: str = "top1") -> tuple[np.ndarray, np.ndar
 def _style(ax, xlabel: str, ylabel: str):
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # Epochs are whole numbers.
   ax.grid(True, alpha=0.3, linewidth=0.6)
   ax.spines[["top", "right"]].set_visible(False)
 
@@ -70,8 +72,8 @@ def sweep_figure(histories: dict[str, list[list[dict]]], teacher_top1: float | N
 
 
 def _loss_name(key: str) -> str:
-  name = key.removeprefix("train_").removesuffix("_loss")
-  return "total" if name in ("", "train") else name
+  """`train_loss` -> "total", `train_nst_loss` -> "nst"."""
+  return "total" if key == "train_loss" else key.removeprefix("train_").removesuffix("_loss")
 
 
 def run_figure(results: dict, title: str) -> Figure:
@@ -92,9 +94,14 @@ def run_figure(results: dict, title: str) -> Figure:
   values = [float(e["train"][k]) for e in trained for k in keys if k in e["train"]]
   if values and min(values) > 0:
     losses.set_yscale("log")  # The terms differ by orders of magnitude (NST vs CE).
+    # Plain numbers (0.01, 2) rather than 1e-02, 2x10^0; minor ticks labelled only within a decade or so.
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    losses.yaxis.set_major_formatter(plain)
+    few_decades = np.log10(max(values) / min(values)) < 1.2
+    losses.yaxis.set_minor_formatter(plain if few_decades else ticker.NullFormatter())
   _style(losses, "epoch", "mean train loss over the epoch")
   if keys:
-    losses.legend(fontsize=9, frameon=False)
+    losses.legend(loc="best", fontsize=9, frameon=False)
   else:
     losses.text(0.5, 0.5, "no train history in results.json", transform=losses.transAxes, ha="center",
                 color="0.4")
@@ -114,7 +121,7 @@ def run_figure(results: dict, title: str) -> Figure:
                      label=f"teacher top-1 ({float(teacher['top1']):.2f} %)")
   _style(accuracy, "epoch", "accuracy (%)")
   if accuracy.get_legend_handles_labels()[0]:
-    accuracy.legend(loc="lower right", fontsize=9, frameon=False)
+    accuracy.legend(loc="best", fontsize=9, frameon=False)
   figure.suptitle(title, fontsize=11)
   return figure
 

@@ -315,7 +315,7 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def method_row(method: str, finished: dict[int, dict], planned: int, reference) -> dict:
   """One table row from the finished runs' results (seed -> results.json) of `method`."""
   row = {"method": method, "n": len(finished), "n_planned": planned,
-         "seeds": " ".join(map(str, sorted(finished)))}
+         "seeds": " ".join(str(k) for k in sorted(finished) if k is not None)}
   for metric in METRICS:
     values = [_metric(r, metric) for r in finished.values()]
     row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([v for v in values if v is not None])
@@ -341,6 +341,15 @@ def collect(spec: dict) -> dict[str, dict[int, dict]]:
     seeds = sorted(int(p.name[4:]) for p in folders if p.name[4:].isdigit())
     found[method] = {k: r for k in seeds if (r := read_results(run_dir(spec["root"], method, k)))}
   return found
+
+
+def _seed_of(workdir: str) -> int | None:
+  """The seed a run was trained with, from its config.json (the teacher's is its own config's)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return int(json.load(f)["seed"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
 
 
 def _fmt(value, digits=2) -> str:
@@ -397,7 +406,7 @@ def report(root: str) -> list[dict]:
   rows = [method_row(m, found[m], len(spec["seeds"]), refs.get(m)) for m in spec["methods"]]
   teacher = read_results(teacher_dir(spec))
   if teacher is not None:
-    rows.append(method_row(TEACHER, {0: teacher}, 1, refs.get(TEACHER)))
+    rows.append(method_row(TEACHER, {_seed_of(teacher_dir(spec)): teacher}, 1, refs.get(TEACHER)))
   name = pathlib.Path(spec["config"]).stem
   write_tables(root, rows, f"{name}: {len(spec['methods'])} method(s) x {len(spec['seeds'])} seed(s)")
   teacher_top1 = next((r["teacher_top1"] for r in rows if r["teacher_top1"] is not None), None)
