@@ -141,7 +141,8 @@ class Checkpointer:
     Without `force` it asks `should_save(step)`: a caller that decides itself (the training loop) calls
     `should_save` once per step and then `save(..., force=True)`, since in multi-host runs the save
     policy must see every step exactly once to catch JAX's preemption sync point. `state` is a pytree of
-    arrays; `metadata` must be JSON-serialisable and is copied now, so the caller may change it afterwards. Returns whether a save was started. A step that is already saved is skipped
+    arrays; `metadata` must be JSON-serialisable and is copied now, so the caller may change it afterwards.
+    Returns whether a save was started. A step that is already saved is skipped
     (the final forced save may coincide with a periodic one).
     """
     step = int(step)

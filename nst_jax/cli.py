@@ -68,7 +68,7 @@ def _explain(error: Exception, argv) -> str:
     match = re.search(r"flag --config\.([\w.]+)=(.*?): (.*)$", str(error), re.S)
     if match:
       key, value, _ = match.groups()
-      expected = type(config_lib._get(config, key)).__name__ if key in valid else "?"
+      expected = type(config_lib.get(config, key)).__name__ if key in valid else "?"
       return f"config.{key}: expected a value of type {expected}, got {value!r}."
   return str(error).strip()
 
@@ -115,8 +115,7 @@ def main(argv):
     train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, teacher_overrides=teacher_overrides)
   except (config_lib.ConfigError, FileNotFoundError) as error:
     sys.exit(f"nst_jax: {error}")
-  except train_loop.Preempted as preempted:
-    print(f"nst_jax: {preempted}", file=sys.stderr, flush=True)
+  except train_loop.Preempted as preempted:  # The loop has logged what it saved and how to resume.
     sys.exit(128 + signal.Signals[preempted.signal_name].value
              if preempted.signal_name in signal.Signals.__members__ else 1)
 

@@ -123,7 +123,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   _choice(config.distill.nst.kernel, list(kernels.KERNELS), "distill.nst.kernel")
   for key in ("distill.ce_weight", "distill.kd_weight", "distill.nst.weight", "distill.fitnet.weight",
               "distill.at.weight", "optim.weight_decay", "optim.momentum"):
-    _at_least(_get(config, key), 0, key)
+    _at_least(get(config, key), 0, key)
   _at_least(config.distill.temperature, 0, "distill.temperature", strict=True)
   _at_least(config.optim.learning_rate, 0, "optim.learning_rate", strict=True)
   _at_least(config.schedule.epochs, 1, "schedule.epochs", integer=True)
@@ -133,11 +133,11 @@ def check(config: ml_collections.ConfigDict) -> None:
     _at_least(epoch, 0, "schedule.decay_epochs", integer=True)
   for key in ("logging.log_every_steps", "logging.eval_every_epochs", "logging.checkpoint_every_steps",
               "logging.keep_checkpoints"):
-    _at_least(_get(config, key), 1, key, integer=True)
+    _at_least(get(config, key), 1, key, integer=True)
   for key in ("logging.checkpoint_every_epochs", "logging.checkpoint_every_minutes"):
-    _at_least(_get(config, key), 0, key)
+    _at_least(get(config, key), 0, key)
   for key in ("distill.nst.layers", "distill.fitnet.layer", "distill.at.layers"):
-    pairs = parse_pairs(_get(config, key), f"config.{key}")
+    pairs = parse_pairs(get(config, key), f"config.{key}")
     if key == "distill.fitnet.layer" and len(pairs) != 1:
       raise ConfigError(f"config.{key} must be exactly one student_tap:teacher_tap pair, got {pairs!r}.")
   if config.teacher.model and not config.teacher.workdir:
@@ -145,7 +145,8 @@ def check(config: ml_collections.ConfigDict) -> None:
                       "loaded from there; with config.teacher.config it is trained there first).")
 
 
-def _get(config, dotted: str):
+def get(config, dotted: str):
+  """`config` at a dotted key, e.g. get(config, "optim.learning_rate")."""
   for part in dotted.split("."):
     config = config[part]
   return config

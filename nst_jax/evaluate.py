@@ -94,10 +94,10 @@ def _run_module(config, num_classes: int, image_shape, axis_name):
   objective = objective_lib.Objective.from_config(config.distill)
   teacher_shapes = None
   if objective.uses_fitnet:
+    from nst_jax import train_loop  # Not at the top: train_loop imports this module.
+
     teacher = models.get_model(config.teacher.model, num_classes, dtype=dtype, axis_name=axis_name)
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    _, features = jax.eval_shape(lambda x: teacher.init_with_output(jax.random.key(0), x, train=False)[0], x)
-    teacher_shapes = {tap: f.shape[1:] for tap, f in features.items()}
+    teacher_shapes = train_loop.tap_shapes(teacher, image_shape)
   return objective_lib.student_module(student, objective, teacher_shapes)
 
 
@@ -144,7 +144,7 @@ def load_run(workdir: str, overrides: dict[str, str] | None = None) -> ml_collec
     if key not in config_lib.flat_keys(config):
       raise config_lib.ConfigError(f"Unknown config key {key!r}."
                                    + config_lib.suggest(key, config_lib.flat_keys(config)))
-    values[key] = _parse_value(key, text, config_lib._get(config, key))
+    values[key] = _parse_value(key, text, config_lib.get(config, key))
   return config_lib.resolve_paths(config_lib.apply_overrides(config, values), workdir)
 
 

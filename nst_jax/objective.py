@@ -51,15 +51,18 @@ class Objective:
   def from_config(cls, distill) -> "Objective":
     """From a `config.distill` ConfigDict (see configs/default.py); validates names and weights."""
     kernel = distill.nst.kernel
-    if kernels.get_kernel(kernel) is kernels.polynomial:  # Unknown kernel: ValueError with the names.
-      params = {"degree": int(distill.nst.degree), "c": float(distill.nst.c)}
-    elif kernels.get_kernel(kernel) is kernels.gaussian:
-      params = {"sigma2": float(distill.nst.sigma2)} if distill.nst.sigma2 > 0 else {}
-    else:
-      params = {}
-    kernels.applicable_methods(kernel, **params)  # Bad degree / c: ValueError now, not at trace time.
+    try:  # Unknown kernel, bad degree / c: one ConfigError now, not an error at trace time.
+      if kernels.get_kernel(kernel) is kernels.polynomial:
+        params = {"degree": int(distill.nst.degree), "c": float(distill.nst.c)}
+      elif kernels.get_kernel(kernel) is kernels.gaussian:
+        params = {"sigma2": float(distill.nst.sigma2)} if distill.nst.sigma2 > 0 else {}
+      else:
+        params = {}
+      kernels.applicable_methods(kernel, **params)
+    except ValueError as error:
+      raise config_lib.ConfigError(f"config.distill.nst: {error}") from None
     if distill.nst.resize not in losses.RESIZE_POLICIES:
-      raise ValueError(f"config.distill.nst.resize: unknown policy {distill.nst.resize!r}. "
+      raise config_lib.ConfigError(f"config.distill.nst.resize: unknown policy {distill.nst.resize!r}. "
                        f"Valid policies: {', '.join(losses.RESIZE_POLICIES)}.")
     objective = cls(
         ce_weight=float(distill.ce_weight), kd_weight=float(distill.kd_weight),
@@ -72,9 +75,9 @@ class Objective:
         at_layers=config_lib.parse_pairs(distill.at.layers, "config.distill.at.layers"))
     for name in ("ce_weight", "kd_weight", "nst_weight", "fitnet_weight", "at_weight"):
       if getattr(objective, name) < 0:
-        raise ValueError(f"Loss weight {name} must be >= 0, got {getattr(objective, name)}.")
+        raise config_lib.ConfigError(f"Loss weight {name} must be >= 0, got {getattr(objective, name)}.")
     if objective.temperature <= 0:
-      raise ValueError(f"config.distill.temperature must be > 0, got {objective.temperature}.")
+      raise config_lib.ConfigError(f"config.distill.temperature must be > 0, got {objective.temperature}.")
     return objective
 
   @property
@@ -86,10 +89,11 @@ class Objective:
     return self.fitnet_weight > 0
 
   def check_taps(self, student_taps: Sequence[str], teacher_taps: Sequence[str] | None) -> None:
-    """Raises if a configured layer is not a tap of its model, naming the valid taps."""
+    """Raises ConfigError if a configured layer is not a tap of its model, naming the valid taps."""
     if teacher_taps is None:
       if self.needs_teacher:
-        raise ValueError("The objective has KD, NST, FitNet or AT terms (a weight > 0) but no teacher is "
+        raise config_lib.ConfigError("The objective has KD, NST, FitNet or AT terms (a weight > 0) but no "
+                                     "teacher is "
                          "configured: set config.teacher.model, or set those weights to 0.")
       return
     pairs = ([("nst", p) for p in self.nst_layers] if self.nst_weight > 0 else []) + (
@@ -98,7 +102,8 @@ class Objective:
     for term, (student_tap, teacher_tap) in pairs:
       for who, tap, valid in (("student", student_tap, student_taps), ("teacher", teacher_tap, teacher_taps)):
         if tap not in valid:
-          raise ValueError(f"config.distill.{term}: {who} layer {tap!r} is not a tap of the {who} model. "
+          raise config_lib.ConfigError(f"config.distill.{term}: {who} layer {tap!r} is not a tap of the {who} "
+                                       "model. "
                            f"Valid taps: {', '.join(sorted(valid))}.")
 
   def __call__(self, labels: Array, student_logits: Array, student_features: Mapping[str, Array],

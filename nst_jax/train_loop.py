@@ -36,6 +36,7 @@ import ml_collections
 from nst_jax import checkpoints, config_lib, models, parallel, run_record, train
 from nst_jax import data as data_lib
 from nst_jax import objective as objective_lib
+from nst_jax.evaluate import accuracy
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESULTS = "results.json"
@@ -79,6 +80,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
   workdir = os.path.abspath(workdir)
   config = config_lib.resolve_paths(config, workdir)
   config_lib.check(config)
+  _check_objective(config)  # Before any stage trains: a typo in a tap name must not cost a teacher run.
   stages = []
   if config.teacher.model and not is_finished(config.teacher.workdir):
     if not config.teacher.config:
@@ -116,7 +118,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return results
 
 
-def _taps(model, image_shape) -> dict[str, tuple[int, ...]]:
+def _check_objective(config):
+  """The objective's weights and layer names against the models' taps (from shapes only)."""
+  size = config.data.image_size or 224
+  tap_names = lambda name: list(tap_shapes(models.get_model(name, 10), (size, size, 3)))  # noqa: E731
+  objective_lib.Objective.from_config(config.distill).check_taps(
+      tap_names(config.student.model), tap_names(config.teacher.model) if config.teacher.model else None)
+
+
+def tap_shapes(model, image_shape) -> dict[str, tuple[int, ...]]:
   """Each tap of `model` -> its per-example shape (from shapes only; nothing is computed)."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   _, features = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
@@ -203,8 +213,8 @@ def run_stage(stage: Stage, timings: list | None = None) -> dict:
   student = models.get_model(config.student.model, data.num_classes, dtype=dtype, axis_name=axis)
   teacher = (models.get_model(config.teacher.model, data.num_classes, dtype=dtype, axis_name=axis)
              if config.teacher.model else None)
-  teacher_taps = _taps(teacher, data.image_shape) if teacher else None
-  objective.check_taps(list(_taps(student, data.image_shape)), teacher_taps and list(teacher_taps))
+  teacher_taps = tap_shapes(teacher, data.image_shape) if teacher else None
+  objective.check_taps(list(tap_shapes(student, data.image_shape)), teacher_taps and list(teacher_taps))
   student = objective_lib.student_module(student, objective, teacher_taps)
   sample = jnp.zeros((1, *data.image_shape), jnp.float32)
   teacher_variables = None
@@ -324,24 +334,14 @@ def run_stage(stage: Stage, timings: list | None = None) -> dict:
             "wall_s": wall, "stages": list(timings), "finished": results["finished"]}
   write_json(os.path.join(workdir, "run.json"), record)
   if not results["finished"]:
-    signal_name = checkpoints.preemption_signal() or "preemption"
+    # Multi-process runs stop at JAX's preemption sync point, which SIGTERM triggers.
+    signal_name = checkpoints.preemption_signal() or "SIGTERM"
     logger.info(f"{signal_name}: saved step {step} and stopping; run the same command to resume")
     raise Preempted(signal_name, stage.name, workdir, step)
   write_json(os.path.join(workdir, RESULTS), results)
   logger.info(f"done: last top-1 {results['last_top1']:.2f}%, best {results['best_top1']:.2f}% "
               f"(epoch {results['best_epoch']}); results in {os.path.join(workdir, RESULTS)}")
   return results
-
-
-def accuracy(runner: parallel.Runner, eval_fn, variables, pipeline) -> dict[str, float]:
-  """Top-1 / top-5 accuracy (%) from exact sums over the whole eval split, padded batch included."""
-  totals = {"top1_correct": 0.0, "top5_correct": 0.0, "count": 0.0}
-  for batch in pipeline.eval_batches():
-    sums = runner.metrics_to_host(eval_fn(variables, runner.put_batch(batch)))
-    totals = {k: totals[k] + sums[k] for k in totals}
-  count = max(totals["count"], 1.0)
-  return {"top1": 100.0 * totals["top1_correct"] / count, "top5": 100.0 * totals["top5_correct"] / count,
-          "count": int(totals["count"])}
 
 
 def _check_finite(metrics, step):

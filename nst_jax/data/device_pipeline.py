@@ -215,7 +215,7 @@ class DevicePipeline:
   def epoch_order(self, epoch: int) -> jax.Array:
     """The dataset indices in the order epoch `epoch` visits them (before dropping the remainder)."""
     if self._cached_order[0] != epoch:
-      self._cached_order = (epoch, self._permutation_fn(np.int32(epoch)))
+      self._cached_order = (epoch, self._permutation_fn(self._scalar(epoch)))
     return self._cached_order[1]
 
   def batch(self, step: int) -> Batch:
@@ -230,8 +230,13 @@ class DevicePipeline:
     # int32 scalars: one compiled program for every step. They are the same on every process, which is
     # what a program over a multi-process mesh requires of host inputs.
     return self._train_fn(
-      self._images, self._labels, self.epoch_order(epoch), np.int32(position), np.int32(step)
+      self._images, self._labels, self.epoch_order(epoch), self._scalar(position), self._scalar(step)
     )
+
+  def _scalar(self, value: int) -> jax.Array:
+    # An explicit transfer of 4 bytes: the only host-to-device traffic of a steady-state step (a bare
+    # NumPy scalar would be an implicit one, which `jax.transfer_guard("disallow")` rejects).
+    return jax.device_put(np.int32(value), self._replicated)
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[Batch]:
     """Training batches of steps start_step, start_step + 1, ... (forever when num_steps is None)."""
