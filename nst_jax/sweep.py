@@ -85,7 +85,12 @@ def load_config_module(path: str):
     sys.path.insert(0, str(config_lib.REPO_ROOT))
   spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as error:  # noqa: BLE001 -- a config that does not load is the error to report.
+    raise SweepError(f"Config file {path!r} does not load: {type(error).__name__}: {error}") from error
+  if not callable(getattr(module, "get_config", None)):
+    raise SweepError(f"{path!r} is not a config file: it has no get_config().")
   return module
 
 
@@ -225,6 +230,13 @@ class _Runner:
     self.spec, self.module, self.jobs = spec, module, jobs
     self.runs = runs
     self.todo = [r for r in runs if read_results(r.workdir) is None]
+    for run in self.todo:  # Before anything starts: a run left going by a killed sweep blocks the sweep.
+      lock = _lock(os.path.join(run.workdir, _LOCK)) if os.path.isdir(run.workdir) else -1
+      if lock is None:
+        raise SweepError(f"The run in {run.workdir} is still running, started by an earlier sweep; wait for "
+                         "it to end or stop it, then rerun.")
+      if lock >= 0:
+        os.close(lock)
     done = [r for r in runs if r not in self.todo]
     self.seconds = [s for s in map(_student_seconds, (r.workdir for r in done)) if s is not None]
     self.running: dict = {}  # Popen -> (run, start time, lock fd)
@@ -309,7 +321,8 @@ class _Runner:
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
   if not values:
     return None, None
-  return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # sample std: undefined for one run
+  return float(np.mean(values)), std
 
 
 def method_row(method: str, finished: dict[int, dict], planned: int, reference) -> dict:
@@ -459,11 +472,13 @@ def update_spec(root: str, config: str, methods: list[str], seeds: list[int], ov
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m nst_jax.sweep", description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      prog="python -m nst_jax.sweep", description=__doc__.split("\n\n")[0],
+      epilog="Config overrides written --config.KEY=VALUE go to every run (the seed comes from --seeds).",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", help="the config file, without :METHOD (e.g. configs/digits_kd_nst.py)")
   parser.add_argument("--methods", help="comma-separated methods of the config, e.g. kd_nst,ce")
-  parser.add_argument("--seeds", default="0", help="comma-separated integer seeds (default 0)")
+  parser.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds (default 0,1,2)")
   parser.add_argument("--root", required=True, help="the sweep's folder, e.g. workdirs/digits_sweep")
   parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
   parser.add_argument("--report", action="store_true", help="only rebuild tables and curves from the root")

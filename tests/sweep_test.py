@@ -241,6 +241,7 @@ def test_references_of_configs_with_and_without_methods():
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/nope.py", "--seeds", "0"], "Config file 'configs/nope.py' does not exist."),
+    (["--config", "configs/_common.py", "--seeds", "0"], "'configs/_common.py' is not a config file"),
     (["--config", "configs/cifar10_folder.py", "--methods", "kd,bogus"],
      "Unknown method(s) bogus. Valid methods: kd_nst, kd, nst, ce."),
     (["--config", "configs/cifar10_folder.py"], "--methods is required for this config. Valid methods: "),
@@ -282,8 +283,7 @@ def test_a_run_still_running_is_not_started_twice(tmp_path):
     module = sweep.load_config_module(str(tmp_path / "tiny.py"))
     spec = {"config": str(tmp_path / "tiny.py"), "methods": ["ce"], "seeds": [0], "overrides": [],
             "root": str(tmp_path / "root")}
-    runner = sweep._Runner(spec, module, sweep.plan(spec, module), jobs=1)
     with pytest.raises(sweep.SweepError, match="still running"):
-      runner.execute()
+      sweep._Runner(spec, module, sweep.plan(spec, module), jobs=1)
   finally:
     os.close(held)
