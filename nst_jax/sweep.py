@@ -13,7 +13,10 @@ them trains it as its own stage, and while it does no other distillation run sta
 trained once even with `--jobs N`. A finished run (its `results.json` says `"finished": true`) is
 skipped; any other is started with the same command, which resumes it from its last checkpoint. So after
 a crash, a preemption or Ctrl-C, the same sweep command carries on where it stopped. A run that fails
-stops the sweep (the runs already going finish first) with the run's log named.
+stops the sweep (the runs already going finish first) with the run's log named. Each run holds a lock
+on `<workdir>/.sweep.lock` while it lives, so a run left going by a killed sweep makes a new sweep refuse
+to start rather than train a second process in that workdir. With `--jobs N > 1` each run's console
+goes to `<workdir>/console.txt` and XLA_PYTHON_CLIENT_PREALLOCATE=false lets the runs share a device.
 
 Protocol of the tables (`<root>/results.csv` and `<root>/results.md`, one row per method, and one for
 the teacher's own run): top-1 / top-5 accuracy (%) on the config's evaluation split; "last" is the
