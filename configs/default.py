@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.logging.eval_every_epochs = 1
   config.logging.checkpoint_every_steps = 500
   config.logging.checkpoint_every_epochs = 1      # Also at every epoch end (0 = off).
-  config.logging.checkpoint_every_minutes = 10.0  # And when this long has passed since the last save (0 = off).
+  config.logging.checkpoint_every_minutes = 10.0  # And this long after the last save (0 = off).
   config.logging.keep_checkpoints = 3
+  config.logging.tensorboard = True     # TensorBoard event files (where TensorFlow is installed).
   return config

@@ -5,6 +5,9 @@ Command (from the repository root); it first trains the teacher (`configs/digits
 
     python launch.py --config configs/digits_kd_nst.py --workdir workdirs/digits_kd_nst
 
+The config string picks another method for comparison, e.g. the plain resnet8 baseline (no teacher):
+`configs/digits_kd_nst.py:ce`. Methods: `kd_nst` (the default), `kd`, `nst`, `ce`.
+
 Data: as `configs/digits.py`: scikit-learn's digits resized to 32x32, one channel, 1,438 training and
 359 validation images, no augmentation.
 
@@ -28,13 +31,15 @@ together. No CE-only resnet8 run was made, so this does not show a distillation 
 
 from configs import _common
 
+METHODS = ("kd_nst", "kd", "nst", "ce")
+
 _STAGES = [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
 
 
-def get_config():
+def get_config(method: str = "kd_nst"):
   config = _common.base()
   config.student.model = "resnet8"
-  _common.use_teacher(config, "digits", "resnet20")
-  _common.set_method(config, "kd_nst", ("kd_nst",), kd_weights=(1.0, 1.0), feature_layers=_STAGES,
-                     hint_layer=("stage2", "stage2"))
+  if _common.set_method(config, method, METHODS, kd_weights=(1.0, 1.0), feature_layers=_STAGES,
+                        hint_layer=("stage2", "stage2")):
+    _common.use_teacher(config, "digits", "resnet20")
   return config

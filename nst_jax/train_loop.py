@@ -149,9 +149,10 @@ def _setup_logging(workdir: str | None):
     logger.addHandler(logging.FileHandler(os.path.join(workdir, "log.txt")))
 
 
-def _summary_writer(workdir):
-  """TensorBoard events where TensorFlow is installed; None (and no events) where it is not."""
-  if jax.process_index() != 0 or importlib.util.find_spec("tensorflow") is None:
+def _summary_writer(workdir, enabled: bool):
+  """TensorBoard events where TensorFlow is installed and `logging.tensorboard` is on; else None.
+  (Importing TensorFlow costs seconds per process: small runs and tests switch it off.)"""
+  if not enabled or jax.process_index() != 0 or importlib.util.find_spec("tensorflow") is None:
     return None
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from flax.metrics import tensorboard
@@ -228,7 +229,9 @@ def run_stage(stage: Stage, timings: list | None = None) -> dict:
                               config.schedule.decay_factor)
   optimizer = train.make_optimizer(lr_fn, config.optim.momentum, config.optim.nesterov,
                                    config.optim.weight_decay)
-  state = train.create_train_state(student, optimizer, sample, jax.random.key(config.seed))
+  # Jitted: run op by op, the initialisation of a ResNet takes seconds of dispatch.
+  state = jax.jit(lambda key: train.create_train_state(student, optimizer, sample, key))(
+      jax.random.key(config.seed))
 
   os.makedirs(workdir, exist_ok=True)
   first_step_done = False
@@ -263,7 +266,7 @@ def run_stage(stage: Stage, timings: list | None = None) -> dict:
                                              data.eval)
       logger.info(f"teacher {config.teacher.model}: top-1 {results['teacher']['top1']:.2f}%, "
                   f"top-5 {results['teacher']['top5']:.2f}% on {results['teacher']['count']} examples")
-    writer = _summary_writer(workdir)
+    writer = _summary_writer(workdir, config.logging.tensorboard)
     logger.info(f"training {config.student.model}{' from ' + config.teacher.model if teacher else ''}: "
                 f"{config.schedule.epochs} epochs x {steps_per_epoch} steps, from step {start_step}")
     step, steady_since, steady_step = start_step, None, start_step

@@ -251,17 +251,40 @@ def test_leftover_temporary_directory_is_ignored_and_removed(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
 
 
-def test_sigterm_sets_the_preemption_flag():
-  previous = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_set_the_preemption_flag(signum, tmp_path):
+  previous = signal.getsignal(signum)
   uninstall = checkpoints.install_preemption_handler()
+  ckpt = checkpoints.Checkpointer(tmp_path, save_every_steps=1000)
   try:
-    assert not checkpoints.preemption_requested()
-    os.kill(os.getpid(), signal.SIGTERM)
+    assert not checkpoints.preemption_requested() and not ckpt.should_save(1)
+    os.kill(os.getpid(), signum)
     deadline = time.monotonic() + 5
     while not checkpoints.preemption_requested() and time.monotonic() < deadline:
       time.sleep(0.01)  # Python runs signal handlers between bytecodes of the main thread.
     assert checkpoints.preemption_requested()
+    assert checkpoints.preemption_signal() == signal.Signals(signum).name
+    assert ckpt.should_save(2) and ckpt.reached_preemption(2) and not ckpt.reached_preemption(3)
   finally:
     uninstall()
-  assert not checkpoints.preemption_requested()
-  assert signal.getsignal(signal.SIGTERM) == previous
+    ckpt.close()
+  assert not checkpoints.preemption_requested() and checkpoints.preemption_signal() is None
+  assert signal.getsignal(signum) == previous
+
+
+def test_time_based_checkpoints_with_a_fake_clock(tmp_path):
+  now = [0.0]
+  ckpt = checkpoints.Checkpointer(tmp_path, save_every_steps=1000, save_every_minutes=10, async_save=False,
+                                  clock=lambda: now[0])
+  saved = []
+  with ckpt:
+    for step in range(1, 40):
+      now[0] += 60.0  # one minute per step
+      if ckpt.should_save(step):
+        ckpt.save(step, {"x": jnp.full(3, float(step))}, {"step": step}, force=True)
+        saved.append(step)
+  # Ten minutes after the start, then ten minutes after each save.
+  assert saved == [10, 20, 30]
+  assert ckpt.all_steps() == [10, 20, 30]
+  with checkpoints.Checkpointer(tmp_path, save_every_steps=5, save_every_minutes=0) as no_clock:
+    assert [s for s in range(1, 12) if no_clock.should_save(s)] == [5, 10]

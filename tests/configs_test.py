@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from nst_jax import kernels, losses, models, objective, parallel, train
+from nst_jax import config_lib, kernels, losses, models, objective, parallel, train
 from nst_jax.data import device_pipeline, sources
 
 # ml_collections loads config files with the deprecated SourceFileLoader.load_module.
@@ -93,10 +93,13 @@ def _model_taps(config, model_name):
   return _taps(model_name, config.data.image_size, CHANNELS.get(config.data.name, 3))
 
 
-def _active_pairs(obj: objective.Objective) -> list[tuple[str, tuple[str, str]]]:
-  return ([("nst", p) for p in obj.nst_layers] if obj.nst_weight > 0 else []) + (
-      [("at", p) for p in obj.at_layers] if obj.at_weight > 0 else []) + (
-      [("fitnet", obj.fitnet_layer)] if obj.uses_fitnet else [])
+def _active_pairs(config) -> list[tuple[str, tuple[str, str]]]:
+  """The (term, (student tap, teacher tap)) pairs with a weight > 0, read from the config's strings."""
+  d = config.distill
+  terms = [("nst", d.nst.weight, d.nst.layers), ("at", d.at.weight, d.at.layers),
+           ("fitnet", d.fitnet.weight, d.fitnet.layer)]
+  return [(term, tuple(pair.split(":"))) for term, weight, layers in terms if weight > 0
+          for pair in layers.split(",")]
 
 
 def test_config_files_are_found():
@@ -133,6 +136,7 @@ def test_names_resolve(path, method):
   assert config.dtype in ("float32", "bfloat16") and config.parallel in parallel.MODES
   assert config.teacher.batchnorm in train.TEACHER_BATCHNORM_MODES
 
+  config_lib.check(config)
   assert config.student.model in models.list_models()
   kernels.get_kernel(config.distill.nst.kernel)
   assert config.distill.nst.resize in losses.RESIZE_POLICIES
@@ -145,7 +149,10 @@ def test_names_resolve(path, method):
   teacher_taps = _model_taps(config, config.teacher.model)
   obj.check_taps(list(student_taps), list(teacher_taps))
   assert obj.needs_teacher
-  for term, (s, t) in _active_pairs(obj):
+  pairs = _active_pairs(config)
+  assert pairs
+  for term, (s, t) in pairs:
+    assert s in student_taps and t in teacher_taps, (term, s, t)
     (hs, ws, _), (ht, wt, _) = student_taps[s], teacher_taps[t]
     if term == "fitnet":  # objective.HintRegressor: equal sizes, or the student's twice the teacher's.
       assert (hs, ws) in ((ht, wt), (2 * ht, 2 * wt)), (term, s, t)
@@ -163,7 +170,7 @@ def test_teacher_is_a_supervised_run_of_its_config_on_the_same_data(path, method
   teacher_file = ROOT / t.config
   assert teacher_file.is_file(), t.config
   assert teacher_file.parent == CONFIG_DIR and not teacher_file.name.startswith("_")
-  assert t.workdir == f"workdirs/{teacher_file.stem}"  # Relative: runs start at the repository root.
+  assert t.workdir == teacher_file.stem  # Relative: beside the student's workdir (config_lib rules).
   teacher_config = _load_module(teacher_file).get_config()
   assert teacher_config.student.model == t.model
   assert teacher_config.teacher.model == ""
@@ -209,8 +216,8 @@ def test_repdistiller_rows():
     d = c.distill
     assert (d.ce_weight, d.kd_weight, d.nst.weight, d.fitnet.weight, d.at.weight) == expected, method
     assert (d.temperature, d.nst.kernel, d.nst.degree, d.nst.c) == (4.0, "polynomial", 2, 0.0)
-    assert d.nst.layers == [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
-    assert d.fitnet.layer == ("stage2", "stage2")
+    assert d.nst.layers == "stage1:stage1,stage2:stage2,stage3:stage3"
+    assert d.fitnet.layer == "stage2:stage2"
     assert (c.data.name, c.data.eval_split, c.data.augment) == ("cifar100", "test", "cifar")
     assert (c.optim.learning_rate, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == (
         0.05, 0.9, False, 5e-4)
@@ -218,7 +225,7 @@ def test_repdistiller_rows():
         64, 240, (150, 180, 210))
     assert c.teacher.batchnorm == "running"
   vgg = _launch_parse(CONFIG_DIR / "cifar100_vgg13_to_vgg8.py", "nst").distill.nst.layers
-  assert vgg == [(f"stage{i}", f"stage{i}") for i in (1, 2, 3, 4)]
+  assert vgg == "stage1:stage1,stage2:stage2,stage3:stage3,stage4:stage4"
 
 
 def test_official_imagenet_recipe():
@@ -234,7 +241,7 @@ def test_official_imagenet_recipe():
   d = c.distill
   assert (d.ce_weight, d.kd_weight, d.temperature, d.nst.weight, d.nst.kernel) == (
       1.0, 1.0, 4.0, 50.0, "polynomial")
-  assert d.nst.layers == [("in5b", "final_bn")]
+  assert d.nst.layers == "in5b:final_bn"
 
 
 def test_scanned_preact_resnet_has_the_unrolled_taps():

@@ -53,6 +53,7 @@ def run(tmp_path_factory):
   config.student.model = "resnet8"
   config.schedule.epochs, config.schedule.decay_epochs, config.schedule.batch_size = 1, (), 64
   config.logging.checkpoint_every_steps = 1000
+  config.logging.tensorboard = False
   workdir = tmp / "run"
   train_loop.train_and_evaluate(config, str(workdir))
 

@@ -43,8 +43,8 @@ def test_weighted_sum_of_every_term_matches_numpy():
   config = _default_config()
   d = config.distill
   d.ce_weight, d.kd_weight, d.temperature = 0.1, 0.9, 4.0
-  d.nst.weight, d.nst.layers = 50.0, [("stage2", "stage2"), ("stage3", "stage3")]
-  d.at.weight, d.at.layers = 1000.0, [("stage3", "stage3")]
+  d.nst.weight, d.nst.layers = 50.0, "stage2:stage2,stage3:stage3"  # the command line's form
+  d.at.weight, d.at.layers = 1000.0, "stage3:stage3"
   obj = objective.Objective.from_config(d)
   assert obj.needs_teacher
   labels, (s_logits, t_logits), s_feats, t_feats = _outputs(1)
@@ -78,14 +78,15 @@ def test_kernel_settings_reach_the_loss(kernel, params):
 
 def test_fitnet_term_and_regressor():
   d = _default_config().distill
-  d.ce_weight, d.fitnet.weight, d.fitnet.layer = 0.0, 100.0, ("stage2", "stage3")
+  d.ce_weight, d.fitnet.weight, d.fitnet.layer = 0.0, 100.0, "stage2:stage3"
   obj = objective.Objective.from_config(d)
+  assert obj.fitnet_layer == ("stage2", "stage3")
   labels, (s_logits, t_logits), s_feats, t_feats = _outputs(3)
   regressor = objective.HintRegressor(teacher_shape=t_feats["stage3"].shape[1:])
   variables = regressor.init(jax.random.key(0), s_feats["stage2"], train=False)
   hint = regressor.apply(variables, s_feats["stage2"], train=False)
   assert hint.shape == t_feats["stage3"].shape  # 8x8 student map regressed onto 4x4 with stride 2
-  total, components = obj(labels, s_logits, s_feats, t_logits, t_feats, hint=hint)
+  total, components = obj(labels, s_logits, {**s_feats, objective.HINT: hint}, t_logits, t_feats)
   expected = np.mean((np.asarray(hint, np.float64) - t_feats["stage3"]) ** 2)
   np.testing.assert_allclose(components["fitnet"], expected, rtol=1e-5)
   np.testing.assert_allclose(total, 100 * expected, rtol=1e-5)
@@ -106,7 +107,7 @@ def test_objective_is_jittable_and_differentiable():
 
 def test_check_taps_names_the_valid_taps():
   d = _default_config().distill
-  d.nst.weight, d.nst.layers = 1.0, [("stage3", "stage9")]
+  d.nst.weight, d.nst.layers = 1.0, "stage3:stage9"
   obj = objective.Objective.from_config(d)
   with pytest.raises(ValueError, match=r"teacher layer 'stage9' is not a tap.*Valid taps: pooled, stage3"):
     obj.check_taps(["stage3", "pooled"], ["stage3", "pooled"])
@@ -121,7 +122,7 @@ def test_check_taps_names_the_valid_taps():
     (lambda d: setattr(d.nst, "degree", 0), r"degree must be an integer >= 1"),
     (lambda d: setattr(d, "kd_weight", -1.0), r"kd_weight must be >= 0"),
     (lambda d: setattr(d, "temperature", 0.0), r"temperature must be > 0"),
-    (lambda d: setattr(d.nst, "layers", [("stage3",)]), r"\(student tap, teacher tap\) pairs"),
+    (lambda d: setattr(d.nst, "layers", "stage3"), r"must be student_tap:teacher_tap pairs"),
 ])
 def test_bad_config_values_raise(edit, match):
   d = _default_config().distill

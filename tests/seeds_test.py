@@ -21,6 +21,7 @@ def _tiny(seed):
   config.schedule.epochs = 1
   config.schedule.decay_epochs = ()
   config.logging.log_every_steps = 11
+  config.logging.tensorboard = False
   config.logging.checkpoint_every_steps = 11
   config.seed = seed
   return config

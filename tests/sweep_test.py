@@ -38,6 +38,7 @@ def get_config(method: str = "kd"):
   config.schedule.epochs = 1
   config.schedule.decay_epochs = ()
   config.logging.log_every_steps = 11
+  config.logging.tensorboard = False  # importing TensorFlow costs seconds per run
   if method == "kd":
     config.distill.kd_weight = 1.0
     config.teacher.model = "resnet8"

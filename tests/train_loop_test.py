@@ -22,10 +22,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_FOLDER = ROOT / ".." / "shared" / "data" / "cifar10" / "train"
 DEFAULT = ROOT / "configs" / "default.py"
 FAST = ["--config.schedule.epochs=2", "--config.schedule.decay_epochs=(1,)",
-        "--config.logging.log_every_steps=10", "--config.logging.checkpoint_every_steps=5"]
+        "--config.logging.log_every_steps=10", "--config.logging.checkpoint_every_steps=5",
+        "--config.logging.tensorboard=False"]  # importing TensorFlow costs seconds per run
 KD_NST = ["--config.teacher.model=resnet8", "--config.distill.ce_weight=0.1",
-          "--config.distill.kd_weight=0.9", "--config.distill.nst.weight=50", "--config.distill.nst.layers=stage2:stage2,stage3:stage3",
-          "--config.schedule.epochs=1"]
+          "--config.distill.kd_weight=0.9", "--config.distill.nst.weight=50",
+          "--config.distill.nst.layers=stage2:stage2,stage3:stage3", "--config.schedule.epochs=1"]
 
 
 def _launch(workdir, *overrides, config=DEFAULT, cwd=None):
@@ -71,7 +72,7 @@ def _assert_bitwise_equal(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-  code, out = _finish(_launch(workdir))
+  code, out = _finish(_launch(workdir, "--config.logging.tensorboard=True"))
   assert code == 0, out
   return workdir, out
 
@@ -84,12 +85,15 @@ def test_supervised_run_writes_results_config_and_events(uninterrupted):
   assert results["best_top1"] == max(e["top1"] for e in results["epochs"])
   assert results["best_top5"] == max(e["top5"] for e in results["epochs"])
   assert results["best_epoch"] == max(results["epochs"], key=lambda e: e["top1"])["epoch"]
-  # The epoch's train metrics are the means of the logged window means, weighted by their steps
-  # (windows of 10, 10 and 2 steps per 22-step epoch).
-  windows = [line for line in out.splitlines() if line.startswith("step ") and "train_loss=" in line]
-  first_epoch = [float(w.split("train_loss=")[1].split()[0].rstrip(",")) for w in windows[:3]]
+  # The epoch's train metrics are the means of the logged window means, weighted by their steps (a
+  # window ends at every log or save step: 5, 10, 15, 20 and 22 in the first epoch).
+  windows = [(int(m[1]), float(m[2])) for m in re.finditer(r"^step (\d+)/44 .*train_loss=([\d.e+-]+)", out,
+                                                           re.M)]
+  ends = [step for step, _ in windows if step <= 22]
+  assert ends == [5, 10, 15, 20, 22]
+  sizes = np.diff([0, *ends])
   np.testing.assert_allclose(results["epochs"][0]["train"]["train_loss"],
-                             (10 * first_epoch[0] + 10 * first_epoch[1] + 2 * first_epoch[2]) / 22, rtol=1e-3)
+                             np.dot(sizes, [loss for _, loss in windows[:len(ends)]]) / 22, rtol=1e-3)
   config = json.loads((workdir / "config.json").read_text())
   assert config["student"]["model"] == "resnet8" and config["schedule"]["epochs"] == 2
   record = json.loads((workdir / "run.json").read_text())
@@ -139,6 +143,7 @@ def get_config():
   config = default.get_config()
   config.schedule.epochs, config.schedule.decay_epochs = 2, (1,)
   config.logging.checkpoint_every_steps = 5
+  config.logging.tensorboard = False
   return config
 """
 
