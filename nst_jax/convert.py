@@ -1,4 +1,4 @@
-"""PyTorch checkpoints as nst_jax variables, and back: RepDistiller's CIFAR models, torchvision's ResNets.
+r"""PyTorch checkpoints as nst_jax variables, and back: RepDistiller's CIFAR models, torchvision's ResNets.
 
     python -m nst_jax.convert --model resnet32x4 --num_classes 100 --checkpoint PATH --workdir DIR \
       [--config CONFIG_FILE] [--evaluate] [--overwrite]
