@@ -1,0 +1,248 @@
+"""Tests for nst_jax.models.conv: every convolution configuration of the zoo, value and both gradients,
+against `jax.vjp` of `lax.conv_general_dilated` (the independent reference), under jit, vmap, jit over a
+sharded batch and pmap; the implementation switch; the platform choice; whole models and layers.Conv.
+
+Errors are relative to the largest entry of the reference: max |ours - ref| / max |ref|. Float32:
+1e-5. Bfloat16 (inputs, kernel and output cotangent rounded to bfloat16, results in bfloat16): 2e-2
+against XLA's bfloat16 convolution and 1e-2 against the float32 convolution of the same rounded
+inputs; bfloat16 has an 8-bit significand (one rounding of the result is 4e-3 relative) and the two
+implementations sum in different orders.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nst_jax import models
+from nst_jax.models import conv, layers, shufflenet
+from tests.models import model_testing
+
+F32_TOL, BF16_TOL, BF16_VS_F32_TOL = 1e-5, 2e-2, 1e-2
+
+# (name, input NHWC, kernel HWIO, stride, padding, groups): the kinds of convolution the zoo builds,
+# at small sizes (odd sizes too, where strides leave a remainder).
+CONFIGS = [
+    ("stem_3x3", (4, 8, 8, 3), (3, 3, 3, 8), 1, 1, 1),
+    ("3x3_s1", (4, 8, 8, 8), (3, 3, 8, 16), 1, 1, 1),
+    ("3x3_s2", (4, 9, 9, 8), (3, 3, 8, 16), 2, 1, 1),
+    ("1x1_s1", (4, 8, 8, 8), (1, 1, 8, 16), 1, 0, 1),
+    ("1x1_s2", (4, 8, 8, 8), (1, 1, 8, 16), 2, 0, 1),
+    ("7x7_s2_imagenet_stem", (2, 15, 15, 3), (7, 7, 3, 8), 2, 3, 1),
+    ("depthwise_3x3_s1", (4, 8, 8, 12), (3, 3, 1, 12), 1, 1, 12),
+    ("depthwise_3x3_s2", (4, 9, 9, 12), (3, 3, 1, 12), 2, 1, 12),
+    ("grouped_1x1_g3", (4, 8, 8, 12), (1, 1, 4, 24), 1, 0, 3),
+    ("explicit_padding_0", (4, 8, 8, 8), (3, 3, 8, 8), 1, 0, 1),
+]
+IDS = [c[0] for c in CONFIGS]
+
+
+def rel_err(ours, ref):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def arrays(x_shape, k_shape, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(size=x_shape), dtype), jnp.asarray(rng.normal(size=k_shape), dtype))
+
+
+def xla_fn(stride, pad, groups):
+  return lambda x, k: lax.conv_general_dilated(x, k, (stride, stride), ((pad, pad), (pad, pad)),
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                               feature_group_count=groups)
+
+
+def ours_fn(stride, pad, groups):
+  return functools.partial(conv.conv2d, strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                           groups=groups)
+
+
+def reference(x, kernel, stride, pad, groups, grad):
+  """Value and (dx, dkernel) of `lax.conv_general_dilated` by `jax.vjp`: the independent reference."""
+  out, vjp = jax.vjp(xla_fn(stride, pad, groups), x, kernel)
+  return out, vjp(grad)
+
+
+def ours(stride, pad, groups):
+  """Jitted value and (dx, dkernel) of `conv.conv2d` ("auto") for cotangent `grad`."""
+
+  def value_and_grads(x, kernel, grad):
+    out, vjp = jax.vjp(ours_fn(stride, pad, groups), x, kernel)
+    return out, vjp(grad)
+
+  return jax.jit(value_and_grads)
+
+
+def cotangent(x, kernel, stride, pad, groups, seed=1, lead=()):
+  """A random output cotangent (with extra leading axes `lead`), in the input's dtype."""
+  shape = jax.eval_shape(xla_fn(stride, pad, groups), x, kernel).shape
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(*lead, *shape)), x.dtype)
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", CONFIGS, ids=IDS)
+def test_float32_value_and_gradients_match_xla(name, x_shape, k_shape, stride, pad, groups):
+  x, kernel = arrays(x_shape, k_shape)
+  grad = cotangent(x, kernel, stride, pad, groups)
+  out, (dx, dk) = ours(stride, pad, groups)(x, kernel, grad)
+  ref_out, (ref_dx, ref_dk) = reference(x, kernel, stride, pad, groups, grad)
+  assert out.shape == ref_out.shape and dx.shape == x.shape and dk.shape == kernel.shape
+  for what, a, b in (("value", out, ref_out), ("dx", dx, ref_dx), ("dkernel", dk, ref_dk)):
+    assert rel_err(a, b) < F32_TOL, (name, what, rel_err(a, b))
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", CONFIGS[1:3] + CONFIGS[6:9],
+                         ids=IDS[1:3] + IDS[6:9])
+def test_bfloat16_value_and_gradients(name, x_shape, k_shape, stride, pad, groups):
+  x, kernel = arrays(x_shape, k_shape, jnp.bfloat16)
+  grad = cotangent(x, kernel, stride, pad, groups)
+  out, (dx, dk) = ours(stride, pad, groups)(x, kernel, grad)
+  assert out.dtype == dx.dtype == dk.dtype == jnp.bfloat16
+  xla = reference(x, kernel, stride, pad, groups, grad)
+  f32 = lambda a: a.astype(jnp.float32)
+  exact = reference(f32(x), f32(kernel), stride, pad, groups, f32(grad))
+  for what, a, b, c in zip(("value", "dx", "dkernel"), (out, dx, dk), (xla[0], *xla[1]),
+                           (exact[0], *exact[1]), strict=True):
+    assert rel_err(a, b) < BF16_TOL, (name, what, "vs XLA bf16", rel_err(a, b))
+    assert rel_err(a, c) < BF16_VS_F32_TOL, (name, what, "vs float32", rel_err(a, c))
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", [CONFIGS[2], CONFIGS[7], CONFIGS[8]],
+                         ids=[IDS[2], IDS[7], IDS[8]])
+def test_vmap_over_inputs_and_kernels(name, x_shape, k_shape, stride, pad, groups):
+  # A leading axis of 3 on the input and the kernel: each slice is its own convolution.
+  x, kernel = arrays((3, *x_shape), (3, *k_shape))
+  grad = cotangent(x[0], kernel[0], stride, pad, groups, lead=(3,))
+  out, (dx, dk) = jax.jit(jax.vmap(ours(stride, pad, groups)))(x, kernel, grad)
+  for i in range(3):
+    ref_out, (ref_dx, ref_dk) = reference(x[i], kernel[i], stride, pad, groups, grad[i])
+    for what, a, b in (("value", out[i], ref_out), ("dx", dx[i], ref_dx), ("dkernel", dk[i], ref_dk)):
+      assert rel_err(a, b) < F32_TOL, (name, i, what, rel_err(a, b))
+
+
+def _loss_grads(fn):
+  """d/d(x, kernel) of sum(conv(x, kernel) * weights): a loss whose kernel gradient sums over the batch."""
+  return jax.grad(lambda x, k, w: jnp.sum(fn(x, k) * w), argnums=(0, 1))
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", [CONFIGS[2], CONFIGS[4], CONFIGS[7]],
+                         ids=[IDS[2], IDS[4], IDS[7]])
+def test_jit_over_a_sharded_batch(name, x_shape, k_shape, stride, pad, groups):
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+  x, kernel = arrays((8, *x_shape[1:]), k_shape)
+  weights = cotangent(x, kernel, stride, pad, groups)
+  fn = ours_fn(stride, pad, groups)
+  shard, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  step = jax.jit(_loss_grads(fn), in_shardings=(shard, rep, shard), out_shardings=(shard, rep))
+  dx, dk = step(jax.device_put(x, shard), jax.device_put(kernel, rep), jax.device_put(weights, shard))
+  _, (ref_dx, ref_dk) = reference(x, kernel, stride, pad, groups, weights)
+  assert rel_err(dx, ref_dx) < F32_TOL, rel_err(dx, ref_dx)
+  assert rel_err(dk, ref_dk) < F32_TOL, rel_err(dk, ref_dk)
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", [CONFIGS[2], CONFIGS[7]],
+                         ids=[IDS[2], IDS[7]])
+def test_pmap_with_summed_kernel_gradient(name, x_shape, k_shape, stride, pad, groups):
+  x, kernel = arrays((8, *x_shape[1:]), k_shape)
+  weights = cotangent(x, kernel, stride, pad, groups)
+  fn = ours_fn(stride, pad, groups)
+
+  def per_device(x, k, w):
+    dx, dk = _loss_grads(fn)(x, k, w)
+    return dx, lax.psum(dk, "batch")
+
+  split = lambda a: a.reshape(8, 1, *a.shape[1:])
+  dx, dk = jax.pmap(per_device, axis_name="batch", in_axes=(0, None, 0))(split(x), kernel, split(weights))
+  _, (ref_dx, ref_dk) = reference(x, kernel, stride, pad, groups, weights)
+  assert rel_err(dx.reshape(x.shape), ref_dx) < F32_TOL
+  assert rel_err(dk[0], ref_dk) < F32_TOL
+
+
+def _kernel_grad_program(platform):
+  x, kernel = arrays((4, 8, 8, 8), (3, 3, 8, 16))
+  fn = lambda x_, k_: jnp.sum(conv.conv2d(x_, k_, (1, 1), ((1, 1), (1, 1))) ** 2)
+  exported = jax.export.export(jax.jit(jax.grad(fn, argnums=1)), platforms=(platform,))(x, kernel)
+  return exported.mlir_module()
+
+
+def test_platform_choice_cpu_uses_matrix_products_gpu_keeps_xla_convolution():
+  # The kernel gradient is the only convolution-shaped work in this program besides the forward pass.
+  cpu, gpu = _kernel_grad_program("cpu"), _kernel_grad_program("cuda")
+  assert cpu.count("stablehlo.convolution") == 1 and "stablehlo.dot_general" in cpu
+  assert gpu.count("stablehlo.convolution") == 2 and "stablehlo.dot_general" not in gpu
+
+
+def test_switch_selects_plain_xla_and_is_scoped():
+  x, kernel = arrays((2, 8, 8, 8), (3, 3, 8, 8))
+  # A fresh function per trace: JAX caches traces by function, and the choice is made when tracing.
+  jaxpr = lambda: str(jax.make_jaxpr(lambda x_, k_: conv.conv2d(x_, k_, (1, 1), ((1, 1), (1, 1))))(x, kernel))
+  assert conv.get_impl() == "auto" and conv.IMPLS == ("auto", "xla")
+  assert "custom_vjp_call" in jaxpr()
+  with conv.use_impl("xla"):
+    assert conv.get_impl() == "xla"
+    assert "custom_vjp_call" not in jaxpr() and "conv_general_dilated" in jaxpr()
+  assert conv.get_impl() == "auto" and "custom_vjp_call" in jaxpr()
+  with pytest.raises(ValueError, match="auto, xla"):
+    conv.set_impl("fast")
+
+
+@pytest.mark.parametrize("groups,kernel_size,strides,use_bias",
+                         [(1, 3, 2, True), (12, 3, 1, True), (3, 1, 1, False)])
+def test_layers_conv_matches_flax_conv_with_the_same_parameters(groups, kernel_size, strides, use_bias):
+  # Same parameter tree as a plain flax.linen.Conv (so checkpoints carry over), same values and gradients.
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 9, 9, 12)), jnp.float32)
+  module = layers.Conv(24 if groups == 3 else 12, kernel_size, strides, groups=groups, use_bias=use_bias)
+  params = jax.jit(module.init)(jax.random.key(0), x)["params"]["Conv_0"]
+  pad = kernel_size // 2
+  plain = nn.Conv(module.features, (kernel_size, kernel_size), strides=(strides, strides),
+                  padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=use_bias)
+  plain_shapes = jax.eval_shape(plain.init, jax.random.key(0), x)["params"]
+  assert jax.tree.structure(params) == jax.tree.structure(plain_shapes)
+  if use_bias:  # A non-zero bias, so that its effect on the value is checked too.
+    params = {**params, "bias": jnp.linspace(-1.0, 1.0, module.features)}
+  loss = lambda apply, p: jnp.sum(jnp.sin(apply(p, x)))
+  value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, lambda p, x_: module.apply(
+      {"params": {"Conv_0": p}}, x_))))(params)
+  ref_value, ref_grads = jax.jit(jax.value_and_grad(functools.partial(loss, lambda p, x_: plain.apply(
+      {"params": p}, x_))))(params)
+  scale = float(jnp.sum(jnp.abs(plain.apply({"params": params}, x))))
+  assert abs(float(value) - float(ref_value)) <= 1e-5 * scale
+  for name in params:
+    assert rel_err(grads[name], ref_grads[name]) < F32_TOL, name
+
+
+class _ShuffleUnits(nn.Module):
+  """Two ShuffleNet v1 units (stride 2, then 1): grouped 1x1 and depthwise 3x3 convolutions, both strides."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x, _ = shufflenet.ShuffleV1Unit(24, strides=2, groups=3, first_groups=3)(x, train)
+    x, _ = shufflenet.ShuffleV1Unit(48, strides=1, groups=3, first_groups=3)(x, train)
+    return jnp.mean(x, axis=(1, 2)), {}
+
+
+@pytest.mark.parametrize("name", ["resnet8", "shufflev1_units"])
+def test_whole_model_gradient_equals_the_xla_convolution_model(name):
+  # resnet8: 3x3 and 1x1 convolutions at strides 1 and 2; the ShuffleNet units: grouped and depthwise.
+  # BatchNorm in inference mode (a fixed affine of random running statistics): in training mode, at the
+  # tiny batches of a test, its gradient amplifies float32 rounding to ~1e-2 in either implementation
+  # (measured: both 5% from float64 on a batch of 4), which would hide what this test is about.
+  model = models.get_model(name, num_classes=10) if name == "resnet8" else _ShuffleUnits()
+  x = model_testing.images(batch=2, size=16, channels=3 if name == "resnet8" else 24)
+  variables = model_testing.numpy_variables(model, x)
+  out_features = 10 if name == "resnet8" else 48
+  weights = jnp.asarray(np.random.default_rng(4).normal(size=(2, out_features)), jnp.float32)
+  loss = lambda params: jnp.sum(model.apply({**variables, "params": params}, x, train=False)[0] * weights)
+  grads = {}
+  for impl in conv.IMPLS:
+    with conv.use_impl(impl):
+      grads[impl] = jax.jit(jax.grad(loss))(variables["params"])
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(grads["xla"])]
+  for path, a, b in zip(paths, jax.tree.leaves(grads["auto"]), jax.tree.leaves(grads["xla"]), strict=True):
+    assert rel_err(a, b) < F32_TOL, (path, rel_err(a, b))
