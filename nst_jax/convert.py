@@ -207,7 +207,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Mapping, str]:
                           "here.") from None
   kind = "torch zip" if head[:2] == b"PK" else "torch legacy"
   try:
-    return torch.load(path, map_location="cpu", weights_only=True), kind
+    # RepDistiller's `<model>_last.pth` also holds its argparse options; allowing that one plain class
+    # keeps the load free of arbitrary code, which is what weights_only is for.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(path, map_location="cpu", weights_only=True), kind
   except Exception as error:  # weights_only refuses pickled objects other than tensors and containers.
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     raise ConversionError(f"torch.load({path!r}, weights_only=True) failed: {first_line} Re-save just the "

@@ -4,9 +4,10 @@ Equivalence: for every supported name, the PyTorch statement of the architecture
 (written from the architecture, with the original module names), with random weights and randomised
 BatchNorm statistics, is saved to a file, imported with `convert.from_torch`, and its logits and every
 tap are compared with the nst_jax model's in eval mode: max |jax - torch| / max |torch| <= 1e-5 per
-tensor, float32, 2 images of 32 x 32 (the CIFAR resolution; also the smallest at which torchvision's
-ResNets keep a 1 x 1 stage 4). The file format rotates over the models (raw .pth, RepDistiller's
-`{"model": ...}` wrapper with DataParallel's `module.` prefix as .pth, .safetensors) and one test reads
+tensor, float32, 2 images of 32 x 32 (the CIFAR resolution; for torchvision's ResNets the smallest size
+at which every stride-2 stage still halves its input, down to 1 x 1 in stage 4). The file format rotates
+over the models (raw .pth; RepDistiller's `{"model": ...}` wrapper with DataParallel's `module.` prefix
+in PyTorch's pre-1.6 (non-zip) format, as its published teachers are; .safetensors) and one test reads
 one model in every format. One training-mode forward compares outputs and the updated running
 statistics (PyTorch's momentum and unbiased variance). These need PyTorch and skip without it; the
 error, export and command-line tests need only NumPy and safetensors.
@@ -84,10 +85,10 @@ def _save(state_dict, fmt: str, directory) -> str:
   path = os.path.join(directory, f"model.{'safetensors' if fmt == 'safetensors' else 'pth'}")
   if fmt == "pth":
     torch.save(state_dict, path)
-  elif fmt == "pth_repdistiller":  # RepDistiller's train_teacher.py, trained under DataParallel.
+  elif fmt == "pth_repdistiller":  # RepDistiller's train_teacher.py under DataParallel, PyTorch 1.0's format.
     torch.save({"epoch": 240, "model": {f"module.{k}": v for k, v in state_dict.items()},
                 "accuracy": torch.tensor(79.42), "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5}]}},
-               path)
+               path, _use_new_zipfile_serialization=False)
   else:
     save_safetensors({k: v.numpy() for k, v in state_dict.items()}, path)
   return path
@@ -168,7 +169,7 @@ def test_every_format_gives_the_same_variables(tmp_path):
   np.testing.assert_array_equal(reference["batch_stats"]["bn1"]["BatchNorm_0"]["var"],
                                 state_dict["bn1.running_var"])
   formats = [convert.read_checkpoint(sources[f])[1] for f in FORMATS]
-  assert formats == ["torch zip", "torch zip", "safetensors"]
+  assert formats == ["torch zip", "torch legacy", "safetensors"]
 
 
 @needs_torch
@@ -324,18 +325,27 @@ def test_pth_without_pytorch_says_what_to_do(tmp_path, monkeypatch):
 
 
 @needs_torch
-def test_pickled_objects_are_refused(tmp_path):
+def test_repdistiller_last_checkpoint_with_its_options(tmp_path):
+  # RepDistiller's `<model>_last.pth`: {"opt": argparse.Namespace, "model": ..., "optimizer": ...}.
+  import argparse
+
+  state_dict = {k: torch.from_numpy(v) for k, v in _state().items()}
+  path = tmp_path / "resnet8_last.pth"
+  torch.save({"opt": argparse.Namespace(model="resnet8", learning_rate=0.05), "model": state_dict,
+              "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5}]}}, path)
+  variables = convert.from_torch("resnet8", path, NUM_CLASSES)
+  np.testing.assert_array_equal(variables["params"]["fc"]["Dense_0"]["bias"], state_dict["fc.bias"])
+
+
+@needs_torch
+def test_other_pickled_objects_are_refused(tmp_path):
+  import fractions
+
   path = tmp_path / "teacher.pth"
-  torch.save({"model": {}, "args": argparse_namespace()}, path)
+  torch.save({"model": {}, "ratio": fractions.Fraction(1, 3)}, path)
   with pytest.raises(convert.ConversionError,
                      match=r"weights_only=True\) failed: .*Re-save just the state_dict"):
     convert.read_checkpoint(path)
-
-
-def argparse_namespace():
-  import argparse
-
-  return argparse.Namespace(lr=0.05)
 
 
 def test_missing_file():
