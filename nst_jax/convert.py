@@ -248,14 +248,14 @@ def from_torch(model_name: str, state_dict: Mapping | str | os.PathLike, num_cla
   found_classes = np.shape(state[classifier])[0]
   if found_classes != num_classes:
     raise ConversionError(f"The checkpoint has {found_classes} classes ({classifier} is "
-                     f"{tuple(np.shape(state[classifier]))}), but num_classes is {num_classes}.")
+                          f"{tuple(np.shape(state[classifier]))}), but num_classes is {num_classes}.")
 
   variables: dict = {}
   for path, key, shape in entries:
     value = _as_numpy(state[key], key)
     if value.shape != _torch_shape(shape):
-      raise ConversionError(f"Checkpoint entry {key}: expected shape {_torch_shape(shape)} for {model_name} "
-                       f"(nst_jax {'/'.join(path)} {shape}), found {value.shape}.")
+      raise ConversionError(f"Checkpoint entry {key}: expected shape {_torch_shape(shape)} for "
+                            f"{model_name} (nst_jax {'/'.join(path)} {shape}), found {value.shape}.")
     node = variables
     for part in path[:-1]:
       node = node.setdefault(part, {})
@@ -272,10 +272,10 @@ def to_torch(model_name: str, variables: Mapping) -> dict[str, np.ndarray]:
   _check_model(model_name)
   kernels = [leaf for leaf in jax.tree.leaves(variables.get("params", {})) if np.ndim(leaf) == 2]
   if len(kernels) != 1:
-    raise ConversionError(f"variables of {model_name} must have params with exactly one dense (classifier) "
-                     f"kernel, found {len(kernels)}.")
+    raise ConversionError(f"variables of {model_name} must have params with exactly one dense "
+                          f"(classifier) kernel, found {len(kernels)}.")
   template = _template(model_name, int(np.shape(kernels[0])[-1]))
-  from nst_jax import checkpoints
+  from nst_jax import checkpoints  # Here: importing it starts Orbax, which from_torch does not need.
 
   checkpoints.check_fits(template, jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.float32),
                                                 {k: variables.get(k) for k in template}),
