@@ -342,7 +342,16 @@ def write_teacher_run(workdir: str, model_name: str, num_classes: int, checkpoin
   accuracy = {}
   if evaluate:
     from nst_jax import evaluate as evaluate_lib
-    accuracy = evaluate_lib.evaluate_variables(config, variables)
+    try:
+      accuracy = evaluate_lib.evaluate_variables(config, variables)
+    except ValueError as error:
+      if "does not fit" not in str(error):  # Only the data-vs-model mismatch is the user's input.
+        raise
+      lines = str(error).splitlines()
+      raise ConversionError(f"--evaluate: the data of {config_file or 'configs/default.py'} "
+                            f"({config.data.name}) does not fit {model_name} with {num_classes} classes; "
+                            f"give --config the config of the checkpoint's dataset. {lines[0]} "
+                            + "; ".join(line.strip() for line in lines[1:])) from None
 
   results_path = os.path.join(workdir, train_loop.RESULTS)
   if replace:  # The old run stops being a finished teacher before its checkpoint goes.

@@ -433,6 +433,19 @@ def test_cli_evaluate_records_the_accuracy(tmp_path, monkeypatch):
     assert json.load(f)["evaluated"] == "test"
 
 
+def test_cli_evaluate_on_data_that_does_not_fit(tmp_path, capsys):
+  # The default config's data are scikit-learn's digits: one channel, where the checkpoint has three.
+  with pytest.raises(SystemExit) as exit_info:
+    _convert_cli(tmp_path, "--evaluate")
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.strip().count("\n") == 0
+  assert ("--evaluate: the data of configs/default.py (digits) does not fit resnet8 with 10 classes; give "
+          "--config the config of the checkpoint's dataset.") in err
+  assert "params/conv1/Conv_0/kernel: shape (3, 3, 1, 16) expected, (3, 3, 3, 16)" in err
+  assert not os.path.exists(tmp_path / "teacher_run")
+
+
 def test_converted_teacher_needs_no_teacher_stage(tmp_path):
   # A distillation command pointed at the converted run plans the student's stage only.
   from nst_jax import config_lib, train_loop
