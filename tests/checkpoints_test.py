@@ -286,5 +286,5 @@ def test_time_based_checkpoints_with_a_fake_clock(tmp_path):
   # Ten minutes after the start, then ten minutes after each save.
   assert saved == [10, 20, 30]
   assert ckpt.all_steps() == [10, 20, 30]
-  with checkpoints.Checkpointer(tmp_path, save_every_steps=5, save_every_minutes=0) as no_clock:
+  with checkpoints.Checkpointer(tmp_path / "other", save_every_steps=5, save_every_minutes=0) as no_clock:
     assert [s for s in range(1, 12) if no_clock.should_save(s)] == [5, 10]

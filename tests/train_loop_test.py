@@ -266,7 +266,7 @@ def test_mock_imagenet_through_the_tf_data_pipeline(tmp_path):
     results = train_loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["finished"] and results["epochs"][0]["epoch"] == 1
   log = (tmp_path / "run" / "log.txt").read_text()
-  assert "imagenet2012 (tf.data), 3 steps per epoch, 1000 classes" in log
+  assert "imagenet2012 (tfds pipeline), 3 steps per epoch, 1000 classes" in log
 
 
 @pytest.mark.skipif(not CIFAR_FOLDER.is_dir(), reason=f"shared CIFAR-10 folder {CIFAR_FOLDER} is absent")
