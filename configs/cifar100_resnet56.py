@@ -5,7 +5,7 @@ Command (from the repository root):
     python launch.py --config configs/cifar100_resnet56.py --workdir workdirs/cifar100_resnet56
 
 The distillation config `configs/cifar100_resnet56_to_resnet20.py` (every method but `ce`) reads this run
-from `workdirs/cifar100_resnet56` and, when it has no checkpoint yet, runs it there first.
+from `workdirs/cifar100_resnet56` and, until this run has finished, first trains or resumes it there.
 
 Data: TFDS `cifar100` (downloaded by TFDS on first use, or already prepared under `data.data_dir`): the
 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000 test images.

@@ -17,10 +17,8 @@ student and teacher runs normalise alike whatever the subset).
 Recipe: RepDistiller's optimizer (SGD momentum 0.9, weight decay 5e-4, batch 64, lr 0.05) on a short
 schedule: 10 epochs of 312 steps, lr x0.1 at epochs 6 and 8.
 
-Runtime: about 15 minutes on the 2-core development CPU, estimated, not measured: resnet20's
-forward+backward runs at 234 img/s at batch 64 there (README, `bench/models.py`), so the 3,120 steps of
-64 images take about 14 minutes, plus 10 evaluations of 5,000 images (about 50 s at 1,063 img/s), the
-compilation, and on the first run decoding the 25,000 JPEGs. The shared CPU's other load slows it.
+Runtime, measured once (2026-11-28, 2-core development CPU, seed 0): about 14 minutes, as the first
+stage of `configs/cifar10_folder.py`'s command, decoding the 25,000 JPEGs included.
 
 Expected validation accuracy: no published number for this setup. Measured once (seed 0, 2026-11-28,
 as the first half of `configs/cifar10_folder.py`'s command): 76.36 % top-1 after 10 epochs, in about

@@ -6,7 +6,7 @@ Command (from the repository root):
       --workdir workdirs/cifar10_preact_resnet1001
 
 `configs/cifar10_preact_resnet1001_to_inception_bn_cifar.py` reads this run from
-`workdirs/cifar10_preact_resnet1001` and, when it has no checkpoint yet, runs it there first.
+`workdirs/cifar10_preact_resnet1001` and, until this run has finished, first trains or resumes it there.
 
 Data: TFDS `cifar10` (downloaded by TFDS on first use, or already prepared under `data.data_dir`): the
 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000 test images.
