@@ -7,7 +7,8 @@ kd_fitnet, kd_nst, kd_fitnet_nst; without `:METHOD` the config is `kd_nst`, the 
       --workdir workdirs/cifar10_preact_resnet1001_to_inception_bn_cifar_METHOD
 
 Every method but `ce` distils from the teacher run in `workdirs/cifar10_preact_resnet1001`; until that run
-has finished, the command first trains (or resumes) the teacher there with `configs/cifar10_preact_resnet1001.py`.
+has finished, the command first trains (or resumes) the teacher there with
+`configs/cifar10_preact_resnet1001.py`.
 
 Data: TFDS `cifar10`: the 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000 test
 images.
