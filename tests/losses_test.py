@@ -186,8 +186,13 @@ def test_fitnet_and_cross_entropy_match_numpy():
 
 
 def test_loss_registry():
-  assert losses.get_loss("nst") is losses.nst
-  assert losses.get_loss("ce") is losses.cross_entropy
+  rng = np.random.default_rng(3)
+  s = np.abs(rng.normal(size=(2, 4, 4, 3))).astype(np.float32)
+  t = np.abs(rng.normal(size=(2, 4, 4, 5))).astype(np.float32)
+  np.testing.assert_allclose(float(losses.get_loss("nst")(s, t)), ref.nst(s, t), rtol=1e-4)
+  logits, labels = rng.normal(size=(4, 6)).astype(np.float32), np.array([0, 5, 2, 2])
+  np.testing.assert_allclose(float(losses.get_loss("ce")(logits, labels)), ref.cross_entropy(logits, labels),
+                             rtol=1e-5)
   with pytest.raises(ValueError, match=r"Unknown loss 'mmd'. Valid losses: ce, cross_entropy, kd"):
     losses.get_loss("mmd")
 
