@@ -103,8 +103,7 @@ class Objective:
       for who, tap, valid in (("student", student_tap, student_taps), ("teacher", teacher_tap, teacher_taps)):
         if tap not in valid:
           raise config_lib.ConfigError(f"config.distill.{term}: {who} layer {tap!r} is not a tap of the {who} "
-                                       "model. "
-                           f"Valid taps: {', '.join(sorted(valid))}.")
+                                       f"model. Valid taps: {', '.join(sorted(valid))}.")
 
   def __call__(self, labels: Array, student_logits: Array, student_features: Mapping[str, Array],
                teacher_logits: Array | None = None, teacher_features: Mapping[str, Array] | None = None
