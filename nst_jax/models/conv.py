@@ -8,8 +8,9 @@ configuration, at lowering time by `lax.platform_dependent`:
 
 * every platform but CPU: `lax.conv_general_dilated` and its autodiff gradients, i.e. exactly what the
   model would compute without this module (cuDNN on GPU);
-* CPU, `groups == 1`: XLA's forward pass and input gradient (fast there), and the kernel gradient as a
-  sum over the k*k kernel offsets of (shifted, strided input)^T @ (output gradient) matrix products;
+* CPU, `groups == 1`: XLA's forward pass and input gradient (fast there), and the kernel gradient as
+  matrix products of shifted input views with the output gradient, (input view)^T @ grad per kernel
+  offset, contracted over all output positions (`kernel_grad`);
 * CPU, depthwise (one input channel per group, as in MobileNetV2 and ShuffleNet): the convolution as
   k*k shifted elementwise products, and its gradients by autodiff of that form (pads and reductions);
 * CPU, grouped 1x1 (ShuffleNet v1): a batched matrix product over the groups, gradients by autodiff.
@@ -190,15 +191,44 @@ def shifted_inputs(x, kernel_hw, strides, padding, out_hw):
 
 
 def kernel_grad(x, grad, kernel_hw, strides, padding):
-  """d loss / d kernel of a `groups == 1` convolution as k*k matrix products: entry (i, j) is
-  (input view (i, j))^T @ grad, contracted over all B * OH * OW output positions (float32 accumulation)."""
+  """d loss / d kernel of a `groups == 1` convolution, (kh, kw, C_in, C_out), float32 accumulation.
+
+  Entry (i, j) is (input view (i, j))^T @ grad contracted over all output positions. Stride 1 (k > 1):
+  `_kernel_grad_rows`; otherwise one matrix product per kernel offset on its strided input view (at
+  stride 2 the views are a quarter of the input each, so copying them is cheap).
+  """
+  if strides == (1, 1) and kernel_hw[1] > 1:
+    return _kernel_grad_rows(x, grad, kernel_hw, padding)
   batch, oh, ow, out_channels = grad.shape
-  acc = _accumulation_dtype(x.dtype)
   g = grad.reshape(batch * oh * ow, out_channels)
   views = shifted_inputs(x, kernel_hw, strides, padding, (oh, ow))
-  taps = [lax.dot_general(v.reshape(batch * oh * ow, -1), g, (((0,), (0,)), ((), ())),
-                          preferred_element_type=acc) for v in views]
+  taps = [_contract_rows(v.reshape(batch * oh * ow, -1), g) for v in views]
   return jnp.stack(taps).reshape(*kernel_hw, x.shape[-1], out_channels)
+
+
+def _kernel_grad_rows(x, grad, kernel_hw, padding):
+  """Stride-1 kernel gradient with k_h copies of the input instead of k_h * k_w.
+
+  The column offset j moves to the (smaller) gradient: G[b, h, w', j * C_out + o] = grad[b, h, w' - j, o]
+  (zero outside) over the padded width W_p, so sum_{b,h,w'} x_pad[b, h + i, w', c] G[b, h, w', j C_out + o]
+  is entry (i, j, c, o). One matrix product per kernel row i, (C_in) x (k_w C_out), contracted over
+  B * OH * W_p positions: W_p / OW more products than needed (1.06x at 32x32), fewer and larger copies.
+  """
+  (kh, kw), ((pt, pb), (pl, pr)) = kernel_hw, padding
+  batch, oh, ow, out_channels = grad.shape
+  zero = jnp.zeros((), x.dtype)
+  xp = lax.pad(x, zero, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  wp = xp.shape[2]
+  shifted = [lax.pad(grad, zero, ((0, 0, 0), (0, 0, 0), (j, wp - ow - j, 0), (0, 0, 0))) for j in range(kw)]
+  g = jnp.concatenate(shifted, axis=-1).reshape(batch * oh * wp, kw * out_channels)
+  rows = [_contract_rows(lax.slice_in_dim(xp, i, i + oh, axis=1).reshape(batch * oh * wp, -1), g)
+          for i in range(kh)]
+  return jnp.stack(rows).reshape(kh, x.shape[-1], kw, out_channels).transpose(0, 2, 1, 3)
+
+
+def _contract_rows(a, b):
+  """a^T @ b for (N, M) and (N, K): the sum over the N positions, accumulated in float32 for bfloat16."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_accumulation_dtype(a.dtype))
 
 
 def _output_hw(x, kernel_hw, strides, padding):
