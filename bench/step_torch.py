@@ -167,16 +167,17 @@ def jax_objective(method):
   return objective.Objective(ce_weight=ce_w, kd_weight=kd_w, temperature=TEMPERATURE, **nst)
 
 
-def jax_step(method, args, impl, batch):
-  """A prepared nst_jax step: (call() -> loss, description)."""
+def jax_step(method, student_name, teacher_name, batch, impl="auto", dtype=jnp.float32):
+  """A prepared nst_jax step: (call() -> loss, the compiled program). `batch` is on the device."""
   obj = jax_objective(method)
-  sample = jnp.zeros((2, 32, 32, 3), jnp.float32)
-  student = models.get_model(args.student, num_classes=NUM_CLASSES)
-  teacher = models.get_model(args.teacher, num_classes=NUM_CLASSES) if obj.needs_teacher else None
-  t_vars = {}
-  if teacher is not None:
+  sample = jnp.zeros((2, *batch["image"].shape[1:]), jnp.float32)
+  student = models.get_model(student_name, num_classes=NUM_CLASSES, dtype=dtype)
+  teacher, t_vars = None, {}
+  if obj.needs_teacher:
+    teacher = models.get_model(teacher_name, num_classes=NUM_CLASSES, dtype=dtype)
     t_vars = jax.jit(functools.partial(teacher.init, train=False))(jax.random.key(1), sample)
-  lr = train.step_schedule(0.05, steps_per_epoch=50_000 // args.batch, decay_epochs=(150, 180, 210),
+  batch_size = batch["image"].shape[0]
+  lr = train.step_schedule(0.05, steps_per_epoch=50_000 // batch_size, decay_epochs=(150, 180, 210),
                            decay_factor=0.1)
   tx = train.make_optimizer(lr, momentum=0.9, nesterov=False, weight_decay=5e-4)
   state = jax.jit(lambda key: train.create_train_state(student, tx, sample, key))(jax.random.key(0))
@@ -190,7 +191,7 @@ def jax_step(method, args, impl, batch):
     holder["state"], metrics = compiled(holder["state"], t_vars, batch)
     return float(metrics["train_loss"])  # Blocks until the step is done.
 
-  return call
+  return call, compiled
 
 
 def main():
@@ -229,7 +230,7 @@ def main():
   steps = {}
   for method in methods:
     for impl in impls:
-      steps[(method, f"jax {impl}")] = jax_step(method, args, impl, jax_batch)
+      steps[(method, f"jax {impl}")] = jax_step(method, args.student, args.teacher, jax_batch, impl)[0]
     teacher = build(args.teacher) if WEIGHTS[method][1] or WEIGHTS[method][2] else None
     torch_step = make_step(method, build(args.student), teacher)
     steps[(method, "torch")] = functools.partial(torch_step, torch_images, torch_labels)
