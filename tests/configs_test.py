@@ -149,9 +149,7 @@ def test_names_resolve(path, method):
   teacher_taps = _model_taps(config, config.teacher.model)
   obj.check_taps(list(student_taps), list(teacher_taps))
   assert obj.needs_teacher
-  pairs = _active_pairs(config)
-  assert pairs
-  for term, (s, t) in pairs:
+  for term, (s, t) in _active_pairs(config):
     assert s in student_taps and t in teacher_taps, (term, s, t)
     (hs, ws, _), (ht, wt, _) = student_taps[s], teacher_taps[t]
     if term == "fitnet":  # objective.HintRegressor: equal sizes, or the student's twice the teacher's.
