@@ -29,6 +29,7 @@ Stages, each in its own process with a time limit, all output under one folder (
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -267,8 +268,12 @@ def main():
   if "env" in stages:
     env_report(out, env)
   if "tests" in stages:
-    run_stage("tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plan.tests, "-k",
-                        plan.test_filter], out / "tests.txt", env, plan.limits["tests"], summary)
+    # On the GPU machine (16 cores) four pytest workers compile in parallel, sharing the GPU's memory.
+    workers = [] if args.dry_run or not importlib.util.find_spec("xdist") else ["-n", "4"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers, *plan.tests, "-k",
+           plan.test_filter]
+    run_stage("tests", cmd, out / "tests.txt", dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false"),
+              plan.limits["tests"], summary)
     tail = (out / "tests.txt").read_text().strip().splitlines()
     headlines.append(f"tests: {next((t for t in reversed(tail) if ' in ' in t), '?')}")
   if "losses" in stages:

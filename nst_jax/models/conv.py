@@ -1,10 +1,10 @@
 """The zoo's 2-D convolution: XLA's own on GPU and TPU, exact faster formulations of its gradients on CPU.
 
 XLA:CPU computes the kernel gradient of a convolution as another convolution with the batch as the
-contracted feature axis, which runs 2-10x slower than the forward pass (and grouped and depthwise
-convolutions, forward and backward, 10-50x slower than the same arithmetic as shifted elementwise
-products). `conv2d` is a `jax.custom_vjp` whose forward pass and gradients are chosen, per
-configuration, at lowering time by `lax.platform_dependent`:
+contracted feature axis, which ran 2-10x slower than the forward pass on the development machines, and
+its grouped and depthwise convolutions, forward and backward, 10-50x slower than the same arithmetic as
+shifted elementwise products (bench/conv.py measures each). `conv2d` is a `jax.custom_vjp` whose
+forward pass and gradients are chosen, per configuration, at lowering time by `lax.platform_dependent`:
 
 * every platform but CPU: `lax.conv_general_dilated` and its autodiff gradients, i.e. exactly what the
   model would compute without this module (cuDNN on GPU);
@@ -19,13 +19,13 @@ Every formulation is exact up to float32 summation order (the tests compare each
 `lax.conv_general_dilated`). In bfloat16 the matrix products and the depthwise sums accumulate in
 float32 and round once, as XLA's own convolution does.
 
-The implementation is chosen at trace time, process-wide: `use_impl("xla")` (a context manager) or
-`set_impl("xla")` makes every convolution traced afterwards a plain `lax.conv_general_dilated`, the
-reference path. A function that is already jitted keeps the implementation it was traced with.
+The implementation is chosen when a function is traced, process-wide: `set_impl("xla")` (e.g. from
+`config.conv_impl`) or, for a block, `use_impl("xla")` makes every convolution traced afterwards a
+plain `lax.conv_general_dilated`, the reference path. JAX caches traces by function: a function that is
+already jitted keeps the implementation it was traced with, so choose before building the step.
 """
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import Sequence
 
@@ -35,36 +35,36 @@ from jax import lax
 
 IMPLS = ("auto", "xla")
 
-_IMPL = contextvars.ContextVar("nst_jax_conv_impl", default="auto")
+# Process-wide, not per thread: a config switch set once in the main thread must also hold for
+# functions traced in other threads.
+_impl = "auto"
 
 # NHWC images, HWIO kernels: the layout of every model of the zoo (and of `flax.linen.Conv`).
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
-def _check_impl(name: str) -> str:
-  if name not in IMPLS:
-    raise ValueError(f"Unknown convolution implementation {name!r}. Valid: {', '.join(IMPLS)}.")
-  return name
-
-
 def get_impl() -> str:
   """The implementation convolutions traced now will use."""
-  return _IMPL.get()
+  return _impl
 
 
 def set_impl(name: str) -> None:
-  """Sets the implementation for every convolution traced from now on ("auto" or "xla")."""
-  _IMPL.set(_check_impl(name))
+  """Sets the implementation of every convolution traced from now on: "auto" or "xla"."""
+  global _impl
+  if name not in IMPLS:
+    raise ValueError(f"Unknown convolution implementation {name!r}. Valid: {', '.join(IMPLS)}.")
+  _impl = name
 
 
 @contextlib.contextmanager
 def use_impl(name: str):
-  """Within the block, convolutions are traced with implementation `name`."""
-  token = _IMPL.set(_check_impl(name))
+  """Within the block, convolutions are traced with implementation `name`; the previous one after it."""
+  previous = get_impl()
+  set_impl(name)
   try:
     yield
   finally:
-    _IMPL.reset(token)
+    set_impl(previous)
 
 
 def xla_conv(x, kernel, strides, padding, groups):
@@ -256,12 +256,11 @@ def depthwise(x, kernel, strides, padding):
 def grouped_pointwise(x, kernel, strides, padding, groups):
   """Grouped 1x1 convolution as one matrix product per group (a batched dot over the groups)."""
   (x_view,) = shifted_inputs(x, (1, 1), strides, padding, _output_hw(x, (1, 1), strides, padding))
-  batch, oh, ow, in_channels = x_view.shape
+  batch, oh, ow, _ = x_view.shape
   per_group_in, out_channels = kernel.shape[2], kernel.shape[3]
   lhs = x_view.reshape(batch * oh * ow, groups, per_group_in)
   # HWIO grouped kernel: output channel g * (out / groups) + o reads input channels of group g.
   rhs = kernel.reshape(per_group_in, groups, out_channels // groups)
-  out = lax.dot_general(lhs, rhs, (((2,), (0,)), ((1,), (1,))), preferred_element_type=_accumulation_dtype(
-      x.dtype))  # (groups, N, out / groups)
-  del in_channels
+  acc = _accumulation_dtype(x.dtype)
+  out = lax.dot_general(lhs, rhs, (((2,), (0,)), ((1,), (1,))), preferred_element_type=acc)  # (G, N, out/G)
   return jnp.moveaxis(out, 0, 1).reshape(batch, oh, ow, out_channels).astype(x.dtype)
