@@ -13,8 +13,8 @@ nst_jax's `conv.conv2d` (on CPU its own formulations). With PyTorch installed (a
 dependency) the same three as `torch.nn.functional.conv2d` and `torch.ops.aten.convolution_backward`
 on NCHW tensors (PyTorch's default layout, as RepDistiller uses it), with PyTorch's own thread count.
 
-All programs of a shape are timed in interleaved rounds (one call of each in turn, `--rounds` rounds,
-each round starting at the next program), after one warm-up call each; the table gives GFLOP/s of the
+All programs of a shape are timed in interleaved rounds (one call of each, in a random order each round,
+`--rounds` rounds), after one warm-up call each; the table gives GFLOP/s of the
 median (a multiply-add counts 2) and "gain", the speed-up of auto over xla (xla's median / auto's). A
 last table sums, per model, median time x uses over its shapes: the convolution time of one training
 step (fwd + dx + dw), the part of the step this module changes; "vs torch" is PyTorch's total / auto's
@@ -77,15 +77,21 @@ def flops(shape: Shape) -> float:
   return 2.0 * b * oh * ow * cout * cin_per_group * kh * kw
 
 
-def jax_programs(shape: Shape, impl: str, dtype):
-  """{pass: (compiled fn, args)} for one implementation."""
+def jax_inputs(shape: Shape, dtype):
+  """(x, kernel, output cotangent), shared by the implementations compared."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape.x), dtype)
   kernel = jnp.asarray(rng.normal(size=shape.kernel) * 0.1, dtype)
+  out = jax.eval_shape(functools.partial(conv.xla_conv, strides=shape.strides, padding=shape.padding,
+                                         groups=shape.groups), x, kernel)
+  return x, kernel, jnp.asarray(rng.normal(size=out.shape), dtype)
+
+
+def jax_programs(shape: Shape, impl: str, inputs):
+  """{pass: (compiled fn, args)} for one implementation."""
+  x, kernel, grad = inputs
   fn = functools.partial(conv.conv2d, strides=shape.strides, padding=shape.padding, groups=shape.groups)
   with conv.use_impl(impl):
-    out = jax.eval_shape(fn, x, kernel)
-    grad = jnp.asarray(rng.normal(size=out.shape), dtype)
     progs = {
         "fwd": (jax.jit(fn), (x, kernel)),
         "dx": (jax.jit(lambda x, k, g: jax.vjp(lambda x_: fn(x_, k), x)[1](g)[0]), (x, kernel, grad)),
@@ -119,15 +125,18 @@ def torch_programs(shape: Shape, dtype_name: str):
           "dw": (lambda: backward([False, True, False]), ())}
 
 
-def time_interleaved(programs, rounds):
-  """{key: median seconds} of `programs` {key: (fn, args)}, one call each per round, rotating the order."""
+def time_interleaved(programs, rounds, seed=0):
+  """{key: median seconds} of `programs` {key: (fn, args)}, one call each per round, in a new random order
+  every round (a fixed order would always run a program after the same neighbour, warm or cold)."""
   keys = list(programs)
   for key in keys:
     fn, args = programs[key]
     jax.block_until_ready(fn(*args))
   times = {key: [] for key in keys}
-  for r in range(rounds):
-    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+  order = np.random.default_rng(seed)
+  for _ in range(rounds):
+    for i in order.permutation(len(keys)):
+      key = keys[i]
       fn, args = programs[key]
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
@@ -172,9 +181,9 @@ def main():
   print("-" * len(header), flush=True)
   medians = {}
   for shape in sorted(uses, key=lambda s: (-s.x[1], s.x[3], s.kernel)):
-    programs = {}
+    programs, inputs = {}, jax_inputs(shape, dtype)
     for impl in ("xla", "auto"):
-      programs.update({(impl, p): v for p, v in jax_programs(shape, impl, dtype).items()})
+      programs.update({(impl, p): v for p, v in jax_programs(shape, impl, inputs).items()})
     if torch_version:
       torch_progs = torch_programs(shape, args.dtype)
       programs.update({("torch", p): v for p, v in (torch_progs or {}).items()})
