@@ -102,8 +102,9 @@ class Objective:
     for term, (student_tap, teacher_tap) in pairs:
       for who, tap, valid in (("student", student_tap, student_taps), ("teacher", teacher_tap, teacher_taps)):
         if tap not in valid:
-          raise config_lib.ConfigError(f"config.distill.{term}: {who} layer {tap!r} is not a tap of the {who} "
-                                       f"model. Valid taps: {', '.join(sorted(valid))}.")
+          raise config_lib.ConfigError(
+              f"config.distill.{term}: {who} layer {tap!r} is not a tap of the {who} model. "
+              f"Valid taps: {', '.join(sorted(valid))}.")
 
   def __call__(self, labels: Array, student_logits: Array, student_features: Mapping[str, Array],
                teacher_logits: Array | None = None, teacher_features: Mapping[str, Array] | None = None
