@@ -107,6 +107,7 @@ def _at_least(value, low, key: str, *, strict: bool = False, integer: bool = Fal
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first value that cannot run (see the module docstring)."""
   from nst_jax import data, kernels, models  # Deferred: importing them pulls in JAX.
+  from nst_jax.models import conv
 
   try:
     data.check_config(config.data)
@@ -115,6 +116,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
   _choice(config.dtype, DTYPES, "dtype")
   _choice(config.parallel, PARALLEL_MODES, "parallel")
+  _choice(config.conv_impl, conv.IMPLS, "conv_impl")
   _choice(config.teacher.batchnorm, TEACHER_BATCHNORM_MODES, "teacher.batchnorm")
   valid_models = models.list_models()
   _choice(config.student.model, valid_models, "student.model")

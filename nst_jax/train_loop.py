@@ -37,6 +37,7 @@ from nst_jax import checkpoints, config_lib, models, parallel, run_record, train
 from nst_jax import data as data_lib
 from nst_jax import objective as objective_lib
 from nst_jax.evaluate import accuracy
+from nst_jax.models import conv
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RESULTS = "results.json"
@@ -199,7 +200,13 @@ class _Window:
 
 
 def run_stage(stage: Stage, timings: list | None = None) -> dict:
-  """Trains (or distils) one stage's student in its workdir (see the module docstring)."""
+  """Trains (or distils) one stage's student in its workdir (see the module docstring), its programs
+  traced with the stage's `conv_impl`."""
+  with conv.use_impl(stage.config.conv_impl):
+    return _run_stage(stage, timings)
+
+
+def _run_stage(stage: Stage, timings: list | None) -> dict:
   config, workdir = stage.config, stage.workdir
   started, wall_start = time.time(), time.perf_counter()
   created = not os.path.exists(workdir)

@@ -33,6 +33,7 @@ CASES = [
     ("distill.nst.weight", -50.0, r"config.distill.nst.weight must be >= 0"),
     ("dtype", "float16", r"config.dtype: unknown value 'float16'. Valid values: float32, bfloat16"),
     ("parallel", "pjit", r"config.parallel: unknown value 'pjit'. Valid values: jit, pmap"),
+    ("conv_impl", "cudnn", r"config.conv_impl: unknown value 'cudnn'. Valid values: auto, xla"),
     ("student.model", "resnet8x5", r"config.student.model: unknown value 'resnet8x5'.*Did you mean: "
      r"resnet8x4"),
     ("distill.nst.kernel", "gauss", r"Valid values: linear, polynomial, poly, gaussian.*Did you mean: "
