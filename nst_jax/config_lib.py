@@ -177,24 +177,21 @@ def resolve_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
   updates = {}
   if config.teacher.config:
     name, colon, arg = config.teacher.config.partition(":")
-    updates["teacher.config"] = _against(name, [REPO_ROOT, pathlib.Path.cwd()]) + colon + arg
+    updates["teacher.config"] = _against(name, [REPO_ROOT, pathlib.Path.cwd()], REPO_ROOT) + colon + arg
   if config.teacher.workdir:
     parent = pathlib.Path(os.path.abspath(workdir)).parent
-    updates["teacher.workdir"] = _against(config.teacher.workdir, [parent], must_exist=False)
+    updates["teacher.workdir"] = _against(config.teacher.workdir, [], parent)
   for key in _DATA_PATH_KEYS:
     value = config.data[key]
     if value and "://" not in value:
-      updates[f"data.{key}"] = _against(value, [pathlib.Path.cwd(), REPO_ROOT])
+      updates[f"data.{key}"] = _against(value, [pathlib.Path.cwd(), REPO_ROOT], REPO_ROOT)
   return apply_overrides(config, updates) if updates else config
 
 
-def _against(path: str, bases: Sequence[pathlib.Path], must_exist: bool = True) -> str:
-  """`path` if absolute; else the first base where it exists (or the first base if none has it)."""
+def _against(path: str, bases: Sequence[pathlib.Path], default: pathlib.Path) -> str:
+  """`path` if absolute; else joined to the first of `bases` where it exists, or to `default`."""
   path = os.path.expanduser(path)
   if os.path.isabs(path):
     return path
-  if must_exist:
-    for base in bases:
-      if (base / path).exists():
-        return os.path.normpath(base / path)
-  return os.path.normpath(bases[0] / path)
+  base = next((b for b in bases if (b / path).exists()), default)
+  return os.path.normpath(base / path)

@@ -96,6 +96,8 @@ def test_resolve_paths(tmp_path, monkeypatch):
   assert resolved.teacher.config == str(ROOT / "configs" / "digits.py") + ":x"  # from the repository
   assert resolved.data.path == str(tmp_path / "mydata")  # exists in the current directory
   assert resolved.data.cache_dir == os.path.normpath(ROOT / ".." / "shared" / "data")  # else the repository
+  missing = config_lib.apply_overrides(config, {"data.path": "nowhere/data"})
+  assert config_lib.resolve_paths(missing, "x").data.path == str(ROOT / "nowhere" / "data")
   absolute = config_lib.apply_overrides(config, {"teacher.workdir": "/elsewhere/t"})
   assert config_lib.resolve_paths(absolute, "x").teacher.workdir == "/elsewhere/t"
 
