@@ -2,6 +2,7 @@
 
     python bench/step_torch.py [--teacher resnet32x4] [--student resnet8x4] [--batch 64] [--rounds 4]
                                [--method ce,kd,nst,kd+nst] [--conv-impl auto[,xla]] [--threads N]
+                               [--no-torch]
 
 PyTorch is an optional benchmark dependency (not in requirements.txt). The PyTorch side is this file's
 own statement of RepDistiller's CIFAR ResNets (`resnet8x4`, `resnet32x4`, ... : a 3x3 stem, three
@@ -16,12 +17,13 @@ updated by SGD (momentum 0.9, weight decay 5e-4, lr 0.05), as in RepDistiller's 
 The nst_jax side is `train.train_step` jitted with the state donated, on the first device, with the
 objective weights of bench/step.py: ce = 1.0 CE; kd = 0.1 CE + 0.9 KD (T = 4); nst = 1.0 CE + 50 NST
 (polynomial, degree 2, c = 0, on stage1..3); kd+nst = 0.1 CE + 0.9 KD + 50 NST. `--conv-impl auto,xla`
-adds a row per convolution implementation (`nst_jax.models.conv.use_impl`).
+adds a row per convolution implementation (`nst_jax.models.conv.use_impl`); `--no-torch` times
+nst_jax alone, for any zoo models, with ratios against the "jax xla" row.
 
 Every prepared step (method x framework) runs once per round, rounds rotating the order, after two
 warm-up calls; both see the same random batch. "speed vs torch" is PyTorch's median / nst_jax's (above
-1: nst_jax is faster), "paired" the median over rounds of the per-round ratios. Figures from a shared
-machine are noisy: compare rows of one run.
+1: nst_jax is faster; with --no-torch "speed vs jax xla"), "paired" the median over rounds of the
+per-round ratios. Figures from a shared machine are noisy: compare rows of one run.
 """
 
 import argparse
@@ -196,44 +198,52 @@ def jax_step(method, student_name, teacher_name, batch, impl="auto", dtype=jnp.f
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--teacher", default="resnet32x4", choices=sorted(CIFAR_RESNETS))
-  parser.add_argument("--student", default="resnet8x4", choices=sorted(CIFAR_RESNETS))
+  parser.add_argument("--teacher", default="resnet32x4", help="zoo name (with PyTorch: of CIFAR_RESNETS)")
+  parser.add_argument("--student", default="resnet8x4", help="zoo name (with PyTorch: of CIFAR_RESNETS)")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=4, help="timed rounds (one step of each per round)")
   parser.add_argument("--method", default="ce,kd,nst,kd+nst",
                       help=f"comma-separated, of: {', '.join(WEIGHTS)}")
   parser.add_argument("--conv-impl", default="auto", help=f"comma-separated, of: {', '.join(conv.IMPLS)}")
   parser.add_argument("--threads", type=int, default=0, help="PyTorch intra-op threads (0: its default)")
+  parser.add_argument("--no-torch", action="store_true",
+                      help="nst_jax only (any zoo models); ratios against the 'jax xla' row")
   args = parser.parse_args()
   methods, impls = args.method.split(","), args.conv_impl.split(",")
   for bad, valid, what in (([m for m in methods if m not in WEIGHTS], WEIGHTS, "method"),
                            ([i for i in impls if i not in conv.IMPLS], conv.IMPLS, "conv impl")):
     if bad:
       parser.error(f"unknown {what}(s) {', '.join(bad)}; valid: {', '.join(valid)}")
-  import torch  # noqa: PLC0415 (optional benchmark dependency)
+  torch = None
+  if not args.no_torch:
+    import torch  # noqa: PLC0415 (optional benchmark dependency)
 
-  if args.threads:
-    torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
-  build, make_step = torch_side(torch)
+    unknown = {args.teacher, args.student} - set(CIFAR_RESNETS)
+    if unknown:
+      parser.error(f"no PyTorch statement of {', '.join(sorted(unknown))} (use --no-torch); "
+                   f"valid: {', '.join(sorted(CIFAR_RESNETS))}")
+    if args.threads:
+      torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    build, make_step = torch_side(torch)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, size=args.batch).astype(np.int64)
   jax_batch = jax.device_put({"image": images, "label": labels.astype(np.int32)}, jax.devices()[0])
-  torch_images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-  torch_labels = torch.from_numpy(labels)
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; {args.teacher} -> {args.student}, "
-        f"batch {args.batch} (32x32x3, {NUM_CLASSES} classes), float32; median of {args.rounds} "
-        f"interleaved rounds after 2 warm-up steps\n", flush=True)
+  torch_info = f"torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else "no torch"
+  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), {torch_info}, {os.cpu_count()} CPUs; "
+        f"{args.teacher} -> {args.student}, batch {args.batch} (32x32x3, {NUM_CLASSES} classes), float32; "
+        f"median of {args.rounds} interleaved rounds after 2 warm-up steps\n", flush=True)
 
   steps = {}
   for method in methods:
     for impl in impls:
       steps[(method, f"jax {impl}")] = jax_step(method, args.student, args.teacher, jax_batch, impl)[0]
-    teacher = build(args.teacher) if WEIGHTS[method][1] or WEIGHTS[method][2] else None
-    torch_step = make_step(method, build(args.student), teacher)
-    steps[(method, "torch")] = functools.partial(torch_step, torch_images, torch_labels)
+    if torch:
+      teacher = build(args.teacher) if WEIGHTS[method][1] or WEIGHTS[method][2] else None
+      torch_step = make_step(method, build(args.student), teacher)
+      torch_images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+      steps[(method, "torch")] = functools.partial(torch_step, torch_images, torch.from_numpy(labels))
     print(f"  {method}: prepared", file=sys.stderr, flush=True)
   losses = {key: [call() for _ in range(2)][-1] for key, call in steps.items()}
   times = {key: [] for key in steps}
@@ -243,30 +253,33 @@ def main():
       start = time.perf_counter()
       losses[key] = steps[key]()
       times[key].append(time.perf_counter() - start)
-  print_table(methods, impls, times, losses, args.batch)
+  reference = "torch" if torch else ("jax xla" if "xla" in impls else None)
+  print_table(methods, [f"jax {i}" for i in impls] + (["torch"] if torch else []), reference, times, losses,
+              args.batch)
 
 
-def print_table(methods, impls, times, losses, batch):
-  header = (f"{'method':<8}{'framework':<11}{'median ms':>10}{'min ms':>9}{'img/s':>8}{'speed vs torch':>15}"
-            f"{'paired':>8}{'loss':>8}")
+def print_table(methods, frameworks, reference, times, losses, batch):
+  """One row per (method, framework); "speed vs" is the reference row's median / this row's."""
+  header = (f"{'method':<8}{'framework':<11}{'median ms':>10}{'min ms':>9}{'img/s':>8}"
+            f"{'speed vs ' + (reference or '-'):>17}{'paired':>8}{'loss':>8}")
   print(header)
   print("-" * len(header))
   med = {key: statistics.median(t) for key, t in times.items()}
   for method in methods:
-    torch_key = (method, "torch")
-    for framework in [f"jax {i}" for i in impls] + ["torch"]:
+    ref_key = (method, reference)
+    for framework in frameworks:
       key = (method, framework)
       ratio = paired = ""
-      if framework != "torch":
-        ratio = f"{med[torch_key] / med[key]:.2f}x"
-        paired = f"{statistics.median(t / j for t, j in zip(times[torch_key], times[key], strict=True)):.2f}x"
+      if reference and framework != reference:
+        ratio = f"{med[ref_key] / med[key]:.2f}x"
+        paired = f"{statistics.median(r / j for r, j in zip(times[ref_key], times[key], strict=True)):.2f}x"
       print(f"{method:<8}{framework:<11}{med[key] * 1e3:>10.1f}{min(times[key]) * 1e3:>9.1f}"
-            f"{batch / med[key]:>8.1f}{ratio:>15}{paired:>8}{losses[key]:>8.3f}")
-  for impl in impls:
-    kd = med.get(("kd", f"jax {impl}"))
+            f"{batch / med[key]:>8.1f}{ratio:>17}{paired:>8}{losses[key]:>8.3f}")
+  for framework in frameworks:
+    kd = med.get(("kd", framework))
     for method in ("nst", "kd+nst"):
-      if kd and (method, f"jax {impl}") in med:
-        print(f"jax {impl}: {method} / kd = {med[(method, f'jax {impl}')] / kd:.3f}")
+      if kd and (method, framework) in med:
+        print(f"{framework}: {method} / kd = {med[(method, framework)] / kd:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ forward pass and gradients are chosen, per configuration, at lowering time by `l
   model would compute without this module (cuDNN on GPU);
 * CPU, `groups == 1`: XLA's forward pass and input gradient (fast there), and the kernel gradient as
   matrix products of shifted input views with the output gradient, (input view)^T @ grad per kernel
-  offset, contracted over all output positions (`kernel_grad`);
+  offset, contracted over all output positions (`kernel_grad`), except for narrow stride-1 k x k
+  convolutions, where XLA's own was faster (`_ROWS_MIN_CHANNELS`);
 * CPU, depthwise (one input channel per group, as in MobileNetV2 and ShuffleNet): the convolution as
   k*k shifted elementwise products, and its gradients by autodiff of that form (pads and reductions);
 * CPU, grouped 1x1 (ShuffleNet v1): a batched matrix product over the groups, gradients by autodiff.
@@ -161,6 +162,8 @@ def _xla_vjp(x, kernel, grad, *, strides, padding, groups):
 
 
 def _cpu_vjp(x, kernel, grad, *, strides, padding, groups):
+  if groups == 1 and _xla_kernel_grad_is_faster(kernel.shape, strides):
+    return _xla_vjp(x, kernel, grad, strides=strides, padding=padding, groups=groups)
   if groups == 1:
     _, vjp_x = jax.vjp(lambda x_: xla_conv(x_, kernel, strides, padding, 1), x)
     (dx,) = vjp_x(grad)
@@ -172,6 +175,17 @@ def _cpu_vjp(x, kernel, grad, *, strides, padding, groups):
 
 # ---------------------------------------------------------------------------------------------------------
 # CPU formulations.
+
+# Stride-1 k x k convolutions with fewer channels (in or out) than this keep XLA's kernel gradient:
+# measured in the training step (bench/step_torch.py --no-torch), it was the faster one for resnet8's
+# 16-64 channels, and `_kernel_grad_rows` from 128 channels up (resnet8x4). 1x1 and strided
+# convolutions always take `kernel_grad`, which was faster at every width measured.
+_ROWS_MIN_CHANNELS = 128
+
+
+def _xla_kernel_grad_is_faster(kernel_shape, strides) -> bool:
+  kh, kw, cin, cout = kernel_shape
+  return strides == (1, 1) and (kh, kw) != (1, 1) and min(cin, cout) < _ROWS_MIN_CHANNELS
 
 
 def _accumulation_dtype(dtype):

@@ -31,6 +31,7 @@ F32_TOL, BF16_TOL, BF16_VS_F32_TOL = 1e-5, 2e-2, 1e-2
 CONFIGS = [
     ("stem_3x3", (4, 8, 8, 3), (3, 3, 3, 8), 1, 1, 1),
     ("3x3_s1", (4, 8, 8, 8), (3, 3, 8, 16), 1, 1, 1),
+    ("3x3_s1_wide", (2, 5, 5, 128), (3, 3, 128, 128), 1, 1, 1),  # >= 128 channels: `_kernel_grad_rows`.
     ("3x3_s2", (4, 9, 9, 8), (3, 3, 8, 16), 2, 1, 1),
     ("1x1_s1", (4, 8, 8, 8), (1, 1, 8, 16), 1, 0, 1),
     ("1x1_s2", (4, 8, 8, 8), (1, 1, 8, 16), 2, 0, 1),
@@ -41,6 +42,14 @@ CONFIGS = [
     ("explicit_padding_0", (4, 8, 8, 8), (3, 3, 8, 8), 1, 0, 1),
 ]
 IDS = [c[0] for c in CONFIGS]
+
+
+PARAMS = "name,x_shape,k_shape,stride,pad,groups"
+
+
+def configs(*names):
+  """pytest.param of the named CONFIGS entries."""
+  return [pytest.param(*c, id=c[0]) for c in CONFIGS if c[0] in names]
 
 
 def rel_err(ours, ref):
@@ -86,7 +95,7 @@ def cotangent(x, kernel, stride, pad, groups, seed=1, lead=()):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(*lead, *shape)), x.dtype)
 
 
-@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", CONFIGS, ids=IDS)
+@pytest.mark.parametrize(PARAMS, configs(*IDS))
 def test_float32_value_and_gradients_match_xla(name, x_shape, k_shape, stride, pad, groups):
   x, kernel = arrays(x_shape, k_shape)
   grad = cotangent(x, kernel, stride, pad, groups)
@@ -97,8 +106,8 @@ def test_float32_value_and_gradients_match_xla(name, x_shape, k_shape, stride, p
     assert rel_err(a, b) < F32_TOL, (name, what, rel_err(a, b))
 
 
-@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", CONFIGS[1:3] + CONFIGS[6:9],
-                         ids=IDS[1:3] + IDS[6:9])
+@pytest.mark.parametrize(PARAMS, configs("3x3_s1", "3x3_s1_wide", "3x3_s2", "depthwise_3x3_s1",
+                                         "depthwise_3x3_s2", "grouped_1x1_g3"))
 def test_bfloat16_value_and_gradients(name, x_shape, k_shape, stride, pad, groups):
   x, kernel = arrays(x_shape, k_shape, jnp.bfloat16)
   grad = cotangent(x, kernel, stride, pad, groups)
@@ -113,8 +122,7 @@ def test_bfloat16_value_and_gradients(name, x_shape, k_shape, stride, pad, group
     assert rel_err(a, c) < BF16_VS_F32_TOL, (name, what, "vs float32", rel_err(a, c))
 
 
-@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", [CONFIGS[2], CONFIGS[7], CONFIGS[8]],
-                         ids=[IDS[2], IDS[7], IDS[8]])
+@pytest.mark.parametrize(PARAMS, configs("3x3_s2", "depthwise_3x3_s2", "grouped_1x1_g3"))
 def test_vmap_over_inputs_and_kernels(name, x_shape, k_shape, stride, pad, groups):
   # A leading axis of 3 on the input and the kernel: each slice is its own convolution.
   x, kernel = arrays((3, *x_shape), (3, *k_shape))
@@ -126,13 +134,23 @@ def test_vmap_over_inputs_and_kernels(name, x_shape, k_shape, stride, pad, group
       assert rel_err(a, b) < F32_TOL, (name, i, what, rel_err(a, b))
 
 
+@pytest.mark.parametrize(PARAMS, configs(*[c[0] for c in CONFIGS if c[5] == 1]))
+def test_kernel_grad_formulations_at_every_width(name, x_shape, k_shape, stride, pad, groups):
+  # `conv.kernel_grad` itself, also where `conv2d` leaves narrow stride-1 convolutions to XLA.
+  x, kernel = arrays(x_shape, k_shape)
+  grad = cotangent(x, kernel, stride, pad, groups)
+  dk = jax.jit(conv.kernel_grad, static_argnums=(2, 3, 4))(x, grad, k_shape[:2], (stride, stride),
+                                                           ((pad, pad), (pad, pad)))
+  _, (_, ref_dk) = reference(x, kernel, stride, pad, groups, grad)
+  assert rel_err(dk, ref_dk) < F32_TOL, (name, rel_err(dk, ref_dk))
+
+
 def _loss_grads(fn):
   """d/d(x, kernel) of sum(conv(x, kernel) * weights): a loss whose kernel gradient sums over the batch."""
   return jax.grad(lambda x, k, w: jnp.sum(fn(x, k) * w), argnums=(0, 1))
 
 
-@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", [CONFIGS[2], CONFIGS[4], CONFIGS[7]],
-                         ids=[IDS[2], IDS[4], IDS[7]])
+@pytest.mark.parametrize(PARAMS, configs("3x3_s1_wide", "1x1_s2", "depthwise_3x3_s2"))
 def test_jit_over_a_sharded_batch(name, x_shape, k_shape, stride, pad, groups):
   mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
   x, kernel = arrays((8, *x_shape[1:]), k_shape)
@@ -146,8 +164,7 @@ def test_jit_over_a_sharded_batch(name, x_shape, k_shape, stride, pad, groups):
   assert rel_err(dk, ref_dk) < F32_TOL, rel_err(dk, ref_dk)
 
 
-@pytest.mark.parametrize("name,x_shape,k_shape,stride,pad,groups", [CONFIGS[2], CONFIGS[7]],
-                         ids=[IDS[2], IDS[7]])
+@pytest.mark.parametrize(PARAMS, configs("3x3_s2", "depthwise_3x3_s2"))
 def test_pmap_with_summed_kernel_gradient(name, x_shape, k_shape, stride, pad, groups):
   x, kernel = arrays((8, *x_shape[1:]), k_shape)
   weights = cotangent(x, kernel, stride, pad, groups)
@@ -165,7 +182,7 @@ def test_pmap_with_summed_kernel_gradient(name, x_shape, k_shape, stride, pad, g
 
 
 def _kernel_grad_program(platform):
-  x, kernel = arrays((4, 8, 8, 8), (3, 3, 8, 16))
+  x, kernel = arrays((2, 4, 4, 128), (3, 3, 128, 128))  # Wide enough for the CPU formulation.
   fn = lambda x_, k_: jnp.sum(conv.conv2d(x_, k_, (1, 1), ((1, 1), (1, 1))) ** 2)
   exported = jax.export.export(jax.jit(jax.grad(fn, argnums=1)), platforms=(platform,))(x, kernel)
   return exported.mlir_module()
