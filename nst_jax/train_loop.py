@@ -203,10 +203,10 @@ def run_stage(stage: Stage, timings: list | None = None) -> dict:
   """Trains (or distils) one stage's student in its workdir (see the module docstring), its programs
   traced with the stage's `conv_impl`."""
   with conv.use_impl(stage.config.conv_impl):
-    return _run_stage(stage, timings)
+    return _run_stage(stage, [] if timings is None else timings)
 
 
-def _run_stage(stage: Stage, timings: list | None) -> dict:
+def _run_stage(stage: Stage, timings: list) -> dict:
   config, workdir = stage.config, stage.workdir
   started, wall_start = time.time(), time.perf_counter()
   created = not os.path.exists(workdir)
@@ -336,11 +336,10 @@ def _run_stage(stage: Stage, timings: list | None) -> dict:
     if created and not first_step_done and jax.process_index() == 0:
       shutil.rmtree(workdir, ignore_errors=True)  # Nothing was trained: leave no half-made workdir.
     raise
-  wall = time.perf_counter() - wall_start
-  timings = [] if timings is None else timings
-  timings.append({"name": stage.name, "workdir": workdir, "start": started, "end": time.time(),
-                  "wall_s": wall, "steps": step - start_step})
-  record = {**run_record.describe(config), "stage": stage.name, "start": started, "end": time.time(),
+  wall, ended = time.perf_counter() - wall_start, time.time()
+  timings.append({"name": stage.name, "workdir": workdir, "start": started, "end": ended, "wall_s": wall,
+                  "steps": step - start_step})
+  record = {**run_record.describe(config), "stage": stage.name, "start": started, "end": ended,
             "wall_s": wall, "stages": list(timings), "finished": results["finished"]}
   write_json(os.path.join(workdir, "run.json"), record)
   if not results["finished"]:
