@@ -2,7 +2,7 @@ r"""The experiment runner: every (method, seed) of a config as its own run, then
 
     python -m nst_jax.sweep --config configs/X.py --methods m1,m2 --seeds 0,1,2 --root workdirs/X \
       [--jobs N] [--config.KEY=VALUE ...]
-    python -m nst_jax.sweep --report --root workdirs/X
+    python -m nst_jax.sweep --report --root workdirs/X [--export results/X]
 
 Runs. Method m with seed k runs in `<root>/<m>/seed<k>` as the command
 `python -m nst_jax --config configs/X.py:m --workdir <root>/<m>/seed<k> --config.seed=k [overrides]`
@@ -26,6 +26,12 @@ standard deviation (n - 1 in the denominator; empty for n = 1) over their seeds.
 runs; the Markdown says "n of N" when fewer than the N seeds swept have finished. `teacher_top1` is the
 teacher's accuracy on the same split, measured by the distillation runs; `reference` and `source` are
 the published top-1 accuracy the config quotes for that method (its module-level `REFERENCE`), if any.
+
+Reading (`nst_jax/analysis.py`): `<root>/comparisons.{csv,md}`, each method against `ce` and against the
+methods it extends by one term (`kd_nst` vs `kd` and `nst`), with Welch's t-test on the last top-1 over
+seeds; `<root>/terms.{csv,md}`, each weighted loss term's value in the first and last epoch and its share
+of the total loss. `--report --export DIR` copies tables, curves and the runs' results.json / run.json /
+config.json (absolute paths made relative to the repository; no checkpoints) to a folder to commit.
 
 Curves: `<root>/curves.png` (evaluation top-1 against epoch, mean over seeds with the min-max band, the
 teacher as a horizontal line) and `<root>/<m>/seed<k>/curves.png` per run (train loss terms and
@@ -51,7 +57,7 @@ import time
 
 import numpy as np
 
-from nst_jax import config_lib, curves, run_record
+from nst_jax import analysis, config_lib, curves, run_record
 
 RUN_COMMAND = (sys.executable, "-m", "nst_jax")
 SWEEP_FILE, RESULTS_FILE, RUN_FILE, CURVES_FILE = "sweep.json", "results.json", "run.json", "curves.png"
@@ -425,6 +431,7 @@ def report(root: str) -> list[dict]:
     rows.append(method_row(TEACHER, {_seed_of(teacher_dir(spec)): teacher}, 1, refs.get(TEACHER)))
   name = pathlib.Path(spec["config"]).stem
   write_tables(root, rows, f"{name}: {len(spec['methods'])} method(s) x {len(spec['seeds'])} seed(s)")
+  write_analysis(root, spec, found, name)
   teacher_top1 = next((r["teacher_top1"] for r in rows if r["teacher_top1"] is not None), None)
   histories = {m: [r["epochs"] for r in found[m].values() if r.get("epochs")] for m in spec["methods"]}
   curves.save(curves.sweep_figure(histories, teacher_top1, f"{name}: evaluation top-1 by epoch"),
@@ -435,6 +442,43 @@ def report(root: str) -> list[dict]:
   if teacher is not None:
     _run_curves(teacher_dir(spec), teacher, f"{name}: teacher")
   return rows
+
+
+def _read_config(workdir: str) -> dict:
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+  text = io.StringIO()
+  if rows:
+    writer = csv.DictWriter(text, list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
+  _write_text(path, text.getvalue())
+
+
+def write_analysis(root: str, spec: dict, found: dict[str, dict[int, dict]], name: str) -> None:
+  """`comparisons.{csv,md}` (Welch tests between methods) and `terms.{csv,md}` (loss-term shares)."""
+  pairs = analysis.comparisons(found, spec["methods"])
+  _write_csv(os.path.join(root, "comparisons.csv"), pairs)
+  _write_text(os.path.join(root, "comparisons.md"), analysis.comparisons_markdown(pairs, name))
+  configs = {m: {k: _read_config(run_dir(root, m, k)) for k in runs} for m, runs in found.items()}
+  terms = analysis.term_rows(found, configs)
+  _write_csv(os.path.join(root, "terms.csv"), terms)
+  _write_text(os.path.join(root, "terms.md"), analysis.terms_markdown(terms, name))
+
+
+def export(root: str, dest: str) -> list[str]:
+  """The report's files and every finished run's summaries, copied to `dest` (see `analysis.export`)."""
+  spec = read_spec(root)
+  runs = [os.path.relpath(run_dir(root, m, k), root) for m, found in collect(spec).items() for k in found]
+  if read_results(teacher_dir(spec)) is not None:
+    runs.append(TEACHER)
+  return analysis.export(root, dest, runs)
 
 
 def _run_curves(workdir: str, results: dict, title: str):
@@ -485,6 +529,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--root", required=True, help="the sweep's folder, e.g. workdirs/digits_sweep")
   parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
   parser.add_argument("--report", action="store_true", help="only rebuild tables and curves from the root")
+  parser.add_argument("--export", metavar="DIR",
+                      help="with --report: copy tables, curves and runs' summaries (no checkpoints) to DIR")
   return parser
 
 
@@ -531,8 +577,13 @@ def main(argv: list[str] | None = None) -> int:
       if extra or args.config or args.methods:
         raise SweepError("--report takes only --root: the config and methods are read from its sweep.json.")
       report(args.root)
+      if args.export:
+        written = export(args.root, args.export)
+        print(f"sweep: wrote {len(written)} files in {args.export}", flush=True)
       print(pathlib.Path(args.root, "results.md").read_text(), flush=True)
       return 0
+    if args.export:
+      raise SweepError("--export goes with --report (it copies a finished report).")
     if args.config is None:
       raise SweepError("--config is required (or --report to rebuild the tables of a root).")
     return sweep(args.config, args.methods, args.seeds, args.root, args.jobs, extra)

@@ -184,6 +184,29 @@ def test_report_rebuilds_tables_from_what_exists(swept, capsys):
   assert (root / "curves.png").is_file() and "| kd | 2 |" in capsys.readouterr().out
 
 
+def test_report_reads_the_runs_and_exports_them_without_checkpoints(swept, tmp_path):
+  root, dest = swept["root"], tmp_path / "export"
+  comparisons = list(csv.DictReader(open(root / "comparisons.csv")))
+  assert [(r["method"], r["against"], r["n"]) for r in comparisons] == [("kd", "ce", "2")]
+  last = {m: [_results(root, m, k)["last_top1"] for k in (0, 1)] for m in ("ce", "kd")}
+  assert float(comparisons[0]["difference"]) == pytest.approx(np.mean(last["kd"]) - np.mean(last["ce"]),
+                                                             abs=1e-5)
+  terms = {(r["method"], r["term"]): r for r in csv.DictReader(open(root / "terms.csv"))}
+  assert set(terms) == {("ce", "ce"), ("kd", "ce"), ("kd", "kd")}
+  kd = [_results(root, "kd", k)["epochs"][-1]["train"] for k in (0, 1)]
+  assert float(terms["kd", "kd"]["end"]) == pytest.approx(np.mean([t["train_kd_loss"] for t in kd]), rel=1e-5)
+  assert sweep.main(["--report", "--root", str(root), "--export", str(dest)]) == 0
+  assert not list(dest.rglob("checkpoints")) and (dest / "teacher" / "results.json").is_file()
+  def strings(value):
+    if isinstance(value, dict):
+      value = list(value.values())
+    return [s for v in value for s in strings(v)] if isinstance(value, list) else [value]
+  for path in dest.rglob("*.json"):  # no absolute path of this machine, flags' values included
+    assert not [s for s in strings(json.loads(path.read_text()))
+                if isinstance(s, str) and os.path.isabs(s.rpartition("=")[2])], path
+  assert json.loads((dest / "kd" / "seed1" / "results.json").read_text()) == _results(root, "kd", 1)
+
+
 # Without training: tables from hand-written results, the plan, bad input.
 
 
