@@ -57,7 +57,8 @@ def _eval_batch(config, mesh) -> int:
   return math.ceil(config.schedule.batch_size / n) * n
 
 
-def _template(model, image_shape):
+def variables_template(model, image_shape):
+  """The shapes and dtypes of `model`'s variables for images of `image_shape` (H, W, C); nothing computed."""
   sample = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
 
@@ -81,12 +82,12 @@ def evaluate_variables(config: ml_collections.ConfigDict, variables, *, model_na
   name = model_name or config.student.model
   model = models.get_model(name, evaluation.num_classes, dtype=jnp.dtype(config.dtype),
                            axis_name=runner.axis_name)
-  checkpoints.check_fits(_template(model, evaluation.image_shape), variables,
+  checkpoints.check_fits(variables_template(model, evaluation.image_shape), variables,
                          f"variables given for {name} ({evaluation.num_classes} classes)")
   return _evaluate_model(runner, model, variables, evaluation.eval)
 
 
-def _run_module(config, num_classes: int, image_shape, axis_name):
+def run_module(config, num_classes: int, image_shape, axis_name):
   """The module whose variables the run's checkpoint holds: the student, or with FitNet the student with
   its regressor (`objective.student_module`), so the checkpoint fits it entry by entry."""
   dtype = jnp.dtype(config.dtype)
@@ -166,9 +167,9 @@ def evaluate_run(workdir: str, *, split: str | None = None, image_folder: str | 
   runner = parallel.Runner(config.parallel, mesh)
   evaluation = data_lib.build_eval(config, mesh, split=split, image_folder=image_folder,
                                    global_batch=_eval_batch(config, mesh))
-  model = _run_module(config, evaluation.num_classes, evaluation.image_shape, runner.axis_name)
+  model = run_module(config, evaluation.num_classes, evaluation.image_shape, runner.axis_name)
   try:
-    variables = checkpoints.load_teacher_variables(workdir, _template(model, evaluation.image_shape))
+    variables = checkpoints.load_teacher_variables(workdir, variables_template(model, evaluation.image_shape))
   except FileNotFoundError:
     raise FileNotFoundError(f"The run in {workdir!r} is marked finished but has no checkpoint in "
                             f"{checkpoints.checkpoint_dir(workdir)}.") from None

@@ -327,7 +327,8 @@ class _Runner:
 # Tables and curves.
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+  """Mean and sample standard deviation (n - 1); (None, None) for no values, std None for one."""
   if not values:
     return None, None
   std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # sample std: undefined for one run
@@ -340,7 +341,7 @@ def method_row(method: str, finished: dict[int, dict], planned: int, reference) 
          "seeds": " ".join(str(k) for k in sorted(finished) if k is not None)}
   for metric in METRICS:
     values = [_metric(r, metric) for r in finished.values()]
-    row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std([v for v in values if v is not None])
+    row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([v for v in values if v is not None])
   teachers = [r["teacher"]["top1"] for r in finished.values() if isinstance(r.get("teacher"), dict)]
   row["teacher_top1"] = float(np.mean(teachers)) if teachers else None
   row["reference"], row["source"] = reference if reference else (None, "")

@@ -83,7 +83,8 @@ def create_train_state(student: nn.Module, optimizer: optax.GradientTransformati
                            tx=optimizer)
 
 
-def _teacher_outputs(models: Models, teacher_variables, images):
+def teacher_outputs(models: Models, teacher_variables, images):
+  """The teacher's (logits, tapped features) as the train step sees them; (None, None) without a teacher."""
   if models.teacher is None:
     return None, None
   if models.teacher_batchnorm == "batch":
@@ -101,7 +102,7 @@ def train_step(state: TrainState, teacher_variables, batch, *, models: Models,
                axis_name: str | None = None):
   """One SGD step of the student; returns (new state, metrics)."""
   images, labels = batch["image"], batch["label"]
-  teacher_logits, teacher_features = _teacher_outputs(models, teacher_variables, images)
+  teacher_logits, teacher_features = teacher_outputs(models, teacher_variables, images)
 
   def loss_fn(params):
     (logits, features), new_vars = models.student.apply(

@@ -184,7 +184,7 @@ def _forward(student: nn.Module, teacher: nn.Module, teacher_batchnorm: str):
 
   def forward(student_variables, teacher_variables, images):
     _, student_features = student.apply(student_variables, images, train=False)
-    _, teacher_features = train._teacher_outputs(pair, teacher_variables, images)  # As the train step.
+    _, teacher_features = train.teacher_outputs(pair, teacher_variables, images)  # As the train step.
     return student_features, teacher_features
 
   return jax.jit(forward)
@@ -212,7 +212,7 @@ def _teacher_workdir(config, workdir: str, teacher: str | None) -> str:
 
 def _restore(workdir: str, module: nn.Module, image_shape, who: str) -> dict:
   try:
-    return checkpoints.load_teacher_variables(workdir, evaluate._template(module, image_shape))
+    return checkpoints.load_teacher_variables(workdir, evaluate.variables_template(module, image_shape))
   except FileNotFoundError:
     raise VizError(f"The {who} run in {workdir!r} has no checkpoint in "
                    f"{checkpoints.checkpoint_dir(workdir)}; viz reads its latest one.") from None
@@ -235,7 +235,7 @@ def load(workdir: "str | os.PathLike | Run", teacher: str | None = None) -> Run:
     raise VizError(f"viz picks eval images by index, which needs an in-memory dataset; {config.data.name!r} "
                    "is streamed (data.pipeline='tfds').")
   dtype, shape, classes = jnp.dtype(config.dtype), evaluation.image_shape, evaluation.num_classes
-  student = evaluate._run_module(config, classes, shape, None)
+  student = evaluate.run_module(config, classes, shape, None)
   teacher_module = models.get_model(teacher_name, classes, dtype=dtype)
   return Run(
       workdir=workdir, config=config, objective=objective_lib.Objective.from_config(config.distill),
@@ -521,7 +521,7 @@ def mmd_per_layer(workdir_or_sweep_root, kernels: Sequence[str] = KERNELS, *,
                        teacher_workdir=run.teacher_workdir,
                        kernel_params={name: run.kernel_params(name) for name in kernel_names})
       per_run[run.name], numbers["images"] = eval_mmd2(run, kernel_names, pairs)
-    stats = {name: {tap: sweep._mean_std([r[name][tap] for r in per_run.values()]) for tap in numbers["taps"]}
+    stats = {name: {tap: sweep.mean_std([r[name][tap] for r in per_run.values()]) for tap in numbers["taps"]}
              for name in kernel_names}
     numbers["methods"][method or run.name] = {
         "runs": per_run, "mean": {n: {t: v[0] for t, v in s.items()} for n, s in stats.items()},
