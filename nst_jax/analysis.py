@@ -175,23 +175,23 @@ def relative_paths(value, repo_root: str = str(config_lib.REPO_ROOT)):
 def export(root: str, dest: str, run_dirs: list[str]) -> list[str]:
   """Copies the sweep's tables and the runs' summaries (`run_dirs`, relative to `root`) to `dest`.
 
-  JSON files are rewritten through `relative_paths`; returns the files written, relative to `dest`.
+  JSON files (sweep.json too) are rewritten through `relative_paths`; returns the files written, relative
+  to `dest`.
   """
+  files = list(TABLES) + [os.path.join(run, name) for run in run_dirs for name in RUN_FILES]
   written = []
-  for name in TABLES:
-    if os.path.exists(os.path.join(root, name)):
-      os.makedirs(dest, exist_ok=True)
-      shutil.copyfile(os.path.join(root, name), os.path.join(dest, name))
-      written.append(name)
-  for run in run_dirs:
-    for name in RUN_FILES:
-      source = os.path.join(root, run, name)
-      if os.path.exists(source):
-        with open(source) as f:
-          data = relative_paths(json.load(f))
-        os.makedirs(os.path.join(dest, run), exist_ok=True)
-        with open(os.path.join(dest, run, name), "w") as f:
-          json.dump(data, f, indent=1, sort_keys=True)
-          f.write("\n")
-        written.append(os.path.join(run, name))
+  for name in files:
+    source, target = os.path.join(root, name), os.path.join(dest, name)
+    if not os.path.exists(source):
+      continue
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if name.endswith(".json"):
+      with open(source) as f:
+        data = relative_paths(json.load(f))
+      with open(target, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    else:
+      shutil.copyfile(source, target)
+    written.append(name)
   return written

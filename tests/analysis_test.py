@@ -103,10 +103,12 @@ def test_export_copies_tables_and_summaries_not_checkpoints(tmp_path):
   (run / "checkpoints" / "3").mkdir(parents=True)
   (run / "checkpoints" / "3" / "state").write_text("weights")
   (root / "results.md").write_text("| table |\n")
+  (root / "sweep.json").write_text(json.dumps({"config": str(config_lib.REPO_ROOT / "configs" / "x.py")}))
   (run / "run.json").write_text(json.dumps({"workdir": str(run.resolve()), "wall_s": 1.5}))
   (run / "results.json").write_text(json.dumps({"finished": True, "last_top1": 60.0}))
   written = analysis.export(str(root), str(dest), ["nst/seed0"])
-  assert sorted(written) == ["nst/seed0/results.json", "nst/seed0/run.json", "results.md"]
+  assert sorted(written) == ["nst/seed0/results.json", "nst/seed0/run.json", "results.md", "sweep.json"]
+  assert json.loads((dest / "sweep.json").read_text()) == {"config": os.path.join("configs", "x.py")}
   assert not (dest / "nst" / "seed0" / "checkpoints").exists()
   assert (dest / "results.md").read_text() == "| table |\n"
   stored = json.loads((dest / "nst" / "seed0" / "run.json").read_text())
