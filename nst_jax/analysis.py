@@ -142,8 +142,9 @@ def comparisons_markdown(rows: list[dict], title: str) -> str:
   for r in rows:
     f = (lambda v, d=2: "" if v is None else f"{v:.{d}f}")  # noqa: E731
     separated = "" if r["separated"] is None else ("yes" if r["separated"] else "no")
+    p = "" if r["p"] is None else ("< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}")
     lines.append(f"| {r['method']} | {r['against']} | {r['n']} vs {r['n_against']} | {f(r['difference'])} | "
-                 f"{f(r['t'])} | {f(r['dof'], 1)} | {f(r['p'], 3)} | {separated} |")
+                 f"{f(r['t'])} | {f(r['dof'], 1)} | {p} | {separated} |")
   return "\n".join(lines) + "\n"
 
 
