@@ -25,3 +25,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+import pytest  # noqa: E402 -- after the environment set-up above, which must precede any JAX import.
+
+
+@pytest.fixture(scope="module")
+def fast_compilation():
+  """For modules about values, not speed (`pytestmark = pytest.mark.usefixtures("fast_compilation")`):
+  XLA's optimisation passes would cost most of their time."""
+  import jax  # noqa: PLC0415 -- imported here so that conftest itself never starts JAX early.
+
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

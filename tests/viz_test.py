@@ -32,13 +32,7 @@ NUM_EVAL = 359  # digits' validation split
 DPI = 50
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-  """These tests are about values, not speed: XLA's optimisation passes would cost most of their time."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compilation")  # values, not speed (tests/conftest.py)
 
 
 def _config(method: str, seed: int, teacher_workdir=None):
