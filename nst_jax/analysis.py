@@ -130,6 +130,10 @@ def term_rows(found: dict[str, dict[int, dict]], configs: dict[str, dict[int, di
   return rows
 
 
+def _fmt(value, digits: int = 2) -> str:
+  return "" if value is None else f"{value:.{digits}f}"
+
+
 def comparisons_markdown(rows: list[dict], title: str) -> str:
   lines = [f"# {title}: differences in last top-1", "",
            "Difference = mean(method) - mean(against) in percentage points over seeds; Welch's t-test "
@@ -140,11 +144,10 @@ def comparisons_markdown(rows: list[dict], title: str) -> str:
            "| method | against | n | difference | t | dof | p | separated |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
-    f = (lambda v, d=2: "" if v is None else f"{v:.{d}f}")  # noqa: E731
     separated = "" if r["separated"] is None else ("yes" if r["separated"] else "no")
     p = "" if r["p"] is None else ("< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}")
-    lines.append(f"| {r['method']} | {r['against']} | {r['n']} vs {r['n_against']} | {f(r['difference'])} | "
-                 f"{f(r['t'])} | {f(r['dof'], 1)} | {p} | {separated} |")
+    lines.append(f"| {r['method']} | {r['against']} | {r['n']} vs {r['n_against']} | "
+                 f"{_fmt(r['difference'])} | {_fmt(r['t'])} | {_fmt(r['dof'], 1)} | {p} | {separated} |")
   return "\n".join(lines) + "\n"
 
 

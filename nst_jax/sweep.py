@@ -54,6 +54,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -369,9 +370,8 @@ def collect(spec: dict) -> dict[str, dict[int, dict]]:
 def _seed_of(workdir: str) -> int | None:
   """The seed a run was trained with, from its config.json (the teacher's is its own config's)."""
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return int(json.load(f)["seed"])
-  except (OSError, ValueError, KeyError, TypeError):
+    return int(_read_config(workdir)["seed"])
+  except (KeyError, ValueError, TypeError):
     return None
 
 
@@ -393,11 +393,7 @@ def _csv_cell(value) -> str:
 
 def write_tables(root: str, rows: list[dict], title: str) -> None:
   """`<root>/results.csv` (every column) and `<root>/results.md` (mean ± std cells, for reading)."""
-  text = io.StringIO()
-  writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
-  writer.writeheader()
-  writer.writerows({k: _csv_cell(row[k]) for k in COLUMNS} for row in rows)
-  _write_text(os.path.join(root, "results.csv"), text.getvalue())
+  _write_csv(os.path.join(root, "results.csv"), [{k: row[k] for k in COLUMNS} for row in rows], COLUMNS)
   lines = [f"# {title}", "",
            "Top-1 / top-5 accuracy (%) on the evaluation split: mean ± sample std (n - 1) over seeds; last = "
            "final epoch, best = best epoch on the same split; n = finished runs.", "",
@@ -453,10 +449,12 @@ def _read_config(workdir: str) -> dict:
     return {}
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
+def _write_csv(path: str, rows: list[dict], columns: Sequence[str] | None = None) -> None:
+  """A CSV of `rows` (columns: `columns`, else the first row's keys; no rows and no columns: empty)."""
   text = io.StringIO()
-  if rows:
-    writer = csv.DictWriter(text, list(rows[0]), lineterminator="\n")
+  columns = list(columns or (rows[0] if rows else ()))
+  if columns:
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
   _write_text(path, text.getvalue())
