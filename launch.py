@@ -2,10 +2,10 @@
 
     python launch.py --config configs/<name>.py[:METHOD] --workdir <dir> [--config.a.b=value ...]
 
-Works from any directory. See `nst_jax/cli.py` for the flags (multi-process runs included).
+Works from any directory. See `nst_jax/tools/cli.py` for the flags (multi-process runs included).
 """
 
-from nst_jax import cli
+from nst_jax.tools import cli
 
 if __name__ == "__main__":
   cli.run()

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nst_jax import models, objective, train  # noqa: E402
+from nst_jax import models, objective  # noqa: E402
 from nst_jax.models import conv  # noqa: E402
+from nst_jax.trainer import train
 
 NUM_CLASSES = 100
 NST_LAYERS = ("stage1", "stage2", "stage3")

@@ -6,9 +6,9 @@
 * `use_teacher(config, name, model)`: the teacher fields, by the one naming rule every config follows:
   the run of `configs/<name>.py` lives in a workdir called `<name>` beside the student's workdir (a
   relative `teacher.workdir` is resolved against the folder holding the student's workdir, see
-  `nst_jax/config_lib.py`). A distillation run loads the teacher from there, or, when that run has not
-  finished (no `results.json` marked finished), first trains or resumes it there with `configs/<name>.py`
-  as its own stage of the same command.
+  `nst_jax/trainer/config_lib.py`). A distillation run loads the teacher from there, or, when that run
+  has not finished (no `results.json` marked finished), first trains or resumes it there with
+  `configs/<name>.py` as its own stage of the same command.
 * `set_method(config, method, ...)`: the objective of a method named as in the published tables.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from configs import default
-from nst_jax import config_lib
+from nst_jax import objective
 
 # Method-name suffix -> `config.distill.nst.kernel` (`nst_linear`, `nst_poly`, `nst_gaussian`).
 KERNELS = {"linear": "linear", "poly": "polynomial", "gaussian": "gaussian"}
@@ -76,10 +76,10 @@ def set_method(config: ml_collections.ConfigDict, method: str, valid: Sequence[s
   distill.ce_weight, distill.kd_weight = kd_weights if "kd" in terms else (1.0, 0.0)
   distill.temperature = 4.0
   distill.nst.weight = nst_weight if "nst" in terms else 0.0
-  distill.nst.layers = config_lib.format_pairs(feature_layers if nst_layers is None else nst_layers)
+  distill.nst.layers = objective.format_pairs(feature_layers if nst_layers is None else nst_layers)
   distill.nst.kernel = kernel
   distill.fitnet.weight = fitnet_weight if "fitnet" in terms else 0.0
-  distill.fitnet.layer = config_lib.format_pairs([hint_layer])
+  distill.fitnet.layer = objective.format_pairs([hint_layer])
   distill.at.weight = at_weight if "at" in terms else 0.0
-  distill.at.layers = config_lib.format_pairs(feature_layers)
+  distill.at.layers = objective.format_pairs(feature_layers)
   return terms

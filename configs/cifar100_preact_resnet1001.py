@@ -29,7 +29,7 @@ column. For comparison He et al. 2016 report 4.92 % CIFAR-10 error for this netw
 
 from configs import _paper
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 REFERENCE = (79.50, "NST paper, CIFAR-100 table (ResNet-1001 -> Inception-BN), 100 - error "
              "20.50 of row teacher")

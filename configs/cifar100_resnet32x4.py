@@ -27,7 +27,7 @@ resnet32x4 -> resnet8x4, teacher column; last epoch, one run).
 
 from configs import _repdistiller
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 REFERENCE = (79.42, "RepDistiller CIFAR-100 table, row resnet32x4 -> resnet8x4, teacher column "
              "(last epoch, one run)")

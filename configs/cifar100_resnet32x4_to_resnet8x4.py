@@ -51,7 +51,7 @@ from configs import _repdistiller
 
 METHODS = _repdistiller.METHODS
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 _SOURCE = "RepDistiller CIFAR-100 table, row resnet32x4 -> resnet8x4 (last epoch, one run)"
 REFERENCE = {

@@ -27,7 +27,7 @@ resnet56 -> resnet20, teacher column; last epoch, one run).
 
 from configs import _repdistiller
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 REFERENCE = (72.34, "RepDistiller CIFAR-100 table, row resnet56 -> resnet20, teacher column "
              "(last epoch, one run)")

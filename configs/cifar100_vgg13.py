@@ -27,7 +27,7 @@ vgg13 -> vgg8, teacher column; last epoch, one run).
 
 from configs import _repdistiller
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 REFERENCE = (74.64, "RepDistiller CIFAR-100 table, row vgg13 -> vgg8, teacher column "
              "(last epoch, one run)")

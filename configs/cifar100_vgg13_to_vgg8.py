@@ -53,7 +53,7 @@ from configs import _repdistiller
 
 METHODS = _repdistiller.METHODS
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 _SOURCE = "RepDistiller CIFAR-100 table, row vgg13 -> vgg8 (last epoch, one run)"
 REFERENCE = {

@@ -27,7 +27,7 @@ wrn_40_2 -> wrn_16_2, teacher column; last epoch, one run).
 
 from configs import _repdistiller
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 REFERENCE = (75.61, "RepDistiller CIFAR-100 table, row wrn_40_2 -> wrn_16_2, teacher column "
              "(last epoch, one run)")

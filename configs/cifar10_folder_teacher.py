@@ -26,7 +26,7 @@ as the first half of `configs/cifar10_folder.py`'s command): 76.36 % top-1 after
 """
 
 from configs import _common
-from nst_jax.data import sources
+from nst_jax.trainer.data import sources
 
 
 def get_config():

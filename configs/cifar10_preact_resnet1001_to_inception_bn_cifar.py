@@ -55,7 +55,7 @@ from configs import _paper
 
 METHODS = _paper.CIFAR_METHODS
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 _SOURCE = "NST paper, CIFAR-10 table (ResNet-1001 -> Inception-BN), 100 - error"
 REFERENCE = {

@@ -2,9 +2,9 @@ r"""The CIFAR-10 study: does NST help a resnet8 student of a resnet20 teacher, w
 
 Command (from the repository root; the README's Results section shows the table it produced):
 
-    python -m nst_jax.sweep --config configs/cifar10_study.py --methods ce,kd,nst,kd_nst \
+    python -m nst_jax.tools.sweep --config configs/cifar10_study.py --methods ce,kd,nst,kd_nst \
       --seeds 0,1,2 --root workdirs/cifar10_study --config.logging.tensorboard=False
-    python -m nst_jax.sweep --report --root workdirs/cifar10_study --export results/cifar10_folder
+    python -m nst_jax.tools.sweep --report --root workdirs/cifar10_study --export results/cifar10_folder
 
 (`logging.tensorboard=False` only skips TensorFlow's import, ~16 s per run; the results are the same.)
 

@@ -29,7 +29,7 @@ recipe, so this run is not guaranteed to reach it.
 
 from configs import _paper
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 REFERENCE = (77.32, "NST paper, ImageNet (ResNet-101 -> Inception-BN), 100 - top-1 error 22.68 "
              "of row teacher (top-5 error 6.58)")

@@ -50,7 +50,7 @@ from configs import _paper
 
 METHODS = _paper.IMAGENET_METHODS
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.sweep`
+# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
 # (tests/references_test.py checks that the two agree).
 _SOURCE = "NST paper, ImageNet (ResNet-101 -> Inception-BN), 100 - top-1 error"
 REFERENCE = {

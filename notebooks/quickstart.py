@@ -35,7 +35,7 @@
 # **Install.** Nothing happens here when `nst_jax` is already importable (a local checkout set up as the
 # README says). Otherwise (Colab) the cell clones the repository and installs it: the experiment configs
 # live in the repository's `configs/` folder, not in the package, so an editable install of a clone is what
-# makes `nst_jax.config_lib.REPO_ROOT` point at them.
+# makes `nst_jax.trainer.config_lib.REPO_ROOT` point at them.
 
 # %%
 REPO = "https://github.com/OWNER/nst_jax"  # EDIT: the address of the nst_jax repository you use.
@@ -53,7 +53,7 @@ if importlib.util.find_spec("nst_jax") is None:
   sys.path.insert(0, str(checkout))  # This kernel started before the install; new processes see it anyway.
 
 import nst_jax
-from nst_jax import config_lib
+from nst_jax.trainer import config_lib
 
 ROOT = config_lib.REPO_ROOT
 assert (ROOT / "configs").is_dir(), f"{ROOT} has no configs/ folder: install nst_jax from a clone (above)."
@@ -162,28 +162,29 @@ for name in KERNEL_PARAMS:
 # %% [markdown]
 # ## 3. Distillation
 #
-# **The teacher** first, in `<SWEEP_ROOT>/teacher`, with `nst_jax.train_loop.train_and_evaluate`, the
+# **The teacher** first, in `<SWEEP_ROOT>/teacher`, with `nst_jax.trainer.train_loop.train_and_evaluate`, the
 # function behind the command line (`nst-jax-train --config ... --workdir ...`). Its config is the one the
 # student's config names (`teacher.config`), with this notebook's epochs. Its log calls it the "student
 # stage": in its own run the teacher is the network being trained. A run that has finished is not trained
 # again, so rerunning the cell is cheap.
 
 # %%
-from nst_jax import sweep, train_loop
+from nst_jax.tools import sweep
+from nst_jax.trainer import rundir, train_loop
 
 config_path = str(ROOT / recipe["config"])
 student_config = config_lib.load_config_file(f"{config_path}:kd_nst")  # It names the teacher's config.
 teacher_workdir = str(SWEEP_ROOT / "teacher")
-if not train_loop.is_finished(teacher_workdir):
+if not rundir.is_finished(teacher_workdir):
   teacher_config = config_lib.load_config_file(str(ROOT / student_config.teacher.config))
   teacher_config = config_lib.apply_overrides(teacher_config, OVERRIDES)
   train_loop.train_and_evaluate(teacher_config, teacher_workdir)
 
 # %% [markdown]
-# **The students.** `nst_jax.sweep` runs every (method, seed) as its own run, in
+# **The students.** `nst_jax.tools.sweep` runs every (method, seed) as its own run, in
 # `<SWEEP_ROOT>/<method>/seed<k>`, reading the teacher from `<SWEEP_ROOT>/teacher`, and writes the table of
 # mean ± std over seeds (`results.md`, `results.csv`) and the curves (`curves.png`). On the command line it
-# is `python -m nst_jax.sweep --config ... --methods ce,kd_nst --seeds 0,1,2 --root ...`. The runs are
+# is `python -m nst_jax.tools.sweep --config ... --methods ce,kd_nst --seeds 0,1,2 --root ...`. The runs are
 # processes of their own, so the cell shows the sweep's progress and each run's log is its `log.txt`.
 # Finished runs are skipped, so an interrupted cell carries on where it stopped.
 
@@ -207,12 +208,12 @@ display(Markdown((SWEEP_ROOT / "results.md").read_text()))
 
 # %% [markdown]
 # **The curves**: evaluation top-1 by epoch, the mean over seeds with the min-max band, the teacher dashed.
-# `nst_jax.viz` draws on matplotlib `Figure` objects without pyplot; `%matplotlib inline` makes `display`
-# show them as images.
+# `nst_jax.tools.viz` draws on matplotlib `Figure` objects without pyplot; `%matplotlib inline` makes
+# `display` show them as images.
 
 # %%
 # %matplotlib inline
-from nst_jax import viz
+from nst_jax.tools import viz
 
 display(viz.curves(str(SWEEP_ROOT)))
 

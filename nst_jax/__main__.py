@@ -1,5 +1,5 @@
-"""`python -m nst_jax --config ... --workdir ...`: the same command line as launch.py (nst_jax/cli.py)."""
+"""`python -m nst_jax --config ... --workdir ...`: the command line of launch.py (nst_jax/tools/cli.py)."""
 
-from nst_jax import cli
+from nst_jax.tools import cli
 
 cli.run()

@@ -5,11 +5,7 @@ inputs (bfloat16) are computed in float32 inside. Every teacher argument is unde
 `jax.grad` never sends a gradient into the teacher. Feature maps are NHWC. Definitions follow
 nst-method.md §2-5; weights are the caller's (the config's) business: nothing here applies the paper's
 lambda / 2.
-
-Losses are also registered by name for configs: `get_loss("nst")`.
 """
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -133,19 +129,10 @@ def _normalized_channel_dots(fs: Array, ft: Array) -> tuple[Array, Array, Array]
   return gss * jnp.outer(rs, rs), gtt * jnp.outer(rt, rt), gst * jnp.outer(rs, rt)
 
 
-def nst(student_feat: Array, teacher_feat: Array, *, kernel: str | kernels.Kernel = "polynomial",
-        resize: str = "pool", unbiased: bool = False, method: str = "auto", **params) -> Array:
-  """Neuron Selectivity Transfer loss: the batch mean of the per-image squared MMD between the
-  L2-normalised channel maps of a student (B, H, W, C_s) and a teacher (B, H', W', C_t) feature map.
-
-  Args:
-    student_feat, teacher_feat: NHWC maps; channel counts may differ, spatial sizes are matched by
-      `resize` ("pool", "interpolate" or "error"). The teacher is under stop_gradient.
-    kernel: "linear", "polynomial"/"poly" (degree 2, c 0 by default), "gaussian", or a pairwise callable.
-    unbiased: U-statistic instead of the default V-statistic.
-    method: how MMD^2 is computed (see `kernels`); "auto" picks the cheapest exact form per layer.
-    **params: kernel parameters (`degree`, `c`, `sigma2`).
-  """
+def nst_per_image(student_feat: Array, teacher_feat: Array, *, kernel: str | kernels.Kernel = "polynomial",
+                  resize: str = "pool", unbiased: bool = False, method: str = "auto", **params) -> Array:
+  """(B,) squared MMD between the L2-normalised channel maps of each image of a student (B, H, W, C_s)
+  and a teacher (B, H', W', C_t) feature map; their mean is `nst`. Arguments as `nst`."""
   student, teacher = _check_feature_pair(student_feat, teacher_feat, "nst")
   teacher = jax.lax.stop_gradient(teacher)
   student, teacher = match_spatial(student, teacher, resize)
@@ -162,11 +149,26 @@ def nst(student_feat: Array, teacher_feat: Array, *, kernel: str | kernels.Kerne
       gss, gtt, gst = _normalized_channel_dots(fs, ft)
       return kernels.mmd2_from_dots(gss, gtt, gst, kernel, unbiased=unbiased, **params)
 
-    return jnp.mean(jax.vmap(per_image)(fs, ft))
+    return jax.vmap(per_image)(fs, ft)
   X, Y = channel_distributions(student), channel_distributions(teacher.astype(_compute_dtype(student)))
-  per_image = jax.vmap(
-      lambda x, y: kernels.mmd2(x, y, kernel, unbiased=unbiased, method=method, **params))(X, Y)
-  return jnp.mean(per_image)
+  return jax.vmap(lambda x, y: kernels.mmd2(x, y, kernel, unbiased=unbiased, method=method, **params))(X, Y)
+
+
+def nst(student_feat: Array, teacher_feat: Array, *, kernel: str | kernels.Kernel = "polynomial",
+        resize: str = "pool", unbiased: bool = False, method: str = "auto", **params) -> Array:
+  """Neuron Selectivity Transfer loss: the batch mean of the per-image squared MMD between the
+  L2-normalised channel maps of a student (B, H, W, C_s) and a teacher (B, H', W', C_t) feature map.
+
+  Args:
+    student_feat, teacher_feat: NHWC maps; channel counts may differ, spatial sizes are matched by
+      `resize` ("pool", "interpolate" or "error"). The teacher is under stop_gradient.
+    kernel: "linear", "polynomial"/"poly" (degree 2, c 0 by default), "gaussian", or a pairwise callable.
+    unbiased: U-statistic instead of the default V-statistic.
+    method: how MMD^2 is computed (see `kernels`); "auto" picks the cheapest exact form per layer.
+    **params: kernel parameters (`degree`, `c`, `sigma2`).
+  """
+  return jnp.mean(nst_per_image(student_feat, teacher_feat, kernel=kernel, resize=resize, unbiased=unbiased,
+                                method=method, **params))
 
 
 def kd(student_logits: Array, teacher_logits: Array, temperature: float = 4.0) -> Array:
@@ -221,21 +223,3 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     raise ValueError(f"cross_entropy: labels must be integer class indices, got dtype {labels.dtype}.")
   logits = logits.astype(_compute_dtype(logits))
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-LOSSES: dict[str, Callable[..., Array]] = {
-    "ce": cross_entropy,
-    "cross_entropy": cross_entropy,
-    "kd": kd,
-    "nst": nst,
-    "at": attention,
-    "attention": attention,
-    "fitnet": fitnet,
-}
-
-
-def get_loss(name: str) -> Callable[..., Array]:
-  """The loss registered under `name`; an unknown name raises with the valid names."""
-  if name not in LOSSES:
-    raise ValueError(f"Unknown loss {name!r}. Valid losses: {', '.join(LOSSES)}.")
-  return LOSSES[name]

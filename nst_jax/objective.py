@@ -21,11 +21,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nst_jax import config_lib, kernels, losses
+from nst_jax import kernels, losses
 from nst_jax.models import layers
 
 Array = jax.Array
 HINT = "hint"  # The feature name of FitNet's regressor output in a `HintStudent`.
+
+
+def parse_pairs(value, key: str) -> tuple[tuple[str, str], ...]:
+  """`"s1:t1,s2:t2"` (or a sequence of 2-sequences) -> ((s1, t1), (s2, t2)); `""` -> ().
+
+  Layer pairs are written student_tap:teacher_tap; `key` names the setting in the error."""
+  if isinstance(value, str):
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    pairs = tuple(tuple(part.strip() for part in item.split(":")) for item in items)
+  else:
+    pairs = tuple(tuple(p) for p in value)
+  if not all(len(p) == 2 and all(isinstance(n, str) and n for n in p) for p in pairs):
+    raise ValueError(f"{key} must be student_tap:teacher_tap pairs separated by commas, e.g. "
+                     f"'stage1:stage1,stage3:stage3'; got {value!r}.")
+  return pairs
+
+
+def format_pairs(pairs) -> str:
+  """The inverse of `parse_pairs`, for configs."""
+  return ",".join(f"{s}:{t}" for s, t in pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +71,7 @@ class Objective:
   def from_config(cls, distill) -> "Objective":
     """From a `config.distill` ConfigDict (see configs/default.py); validates names and weights."""
     kernel = distill.nst.kernel
-    try:  # Unknown kernel, bad degree / c: one ConfigError now, not an error at trace time.
+    try:  # Unknown kernel, bad degree / c: one ValueError now, not an error at trace time.
       if kernels.get_kernel(kernel) is kernels.polynomial:
         params = {"degree": int(distill.nst.degree), "c": float(distill.nst.c)}
       elif kernels.get_kernel(kernel) is kernels.gaussian:
@@ -60,24 +80,24 @@ class Objective:
         params = {}
       kernels.applicable_methods(kernel, **params)
     except ValueError as error:
-      raise config_lib.ConfigError(f"config.distill.nst: {error}") from None
+      raise ValueError(f"config.distill.nst: {error}") from None
     if distill.nst.resize not in losses.RESIZE_POLICIES:
-      raise config_lib.ConfigError(f"config.distill.nst.resize: unknown policy {distill.nst.resize!r}. "
+      raise ValueError(f"config.distill.nst.resize: unknown policy {distill.nst.resize!r}. "
                        f"Valid policies: {', '.join(losses.RESIZE_POLICIES)}.")
     objective = cls(
         ce_weight=float(distill.ce_weight), kd_weight=float(distill.kd_weight),
         temperature=float(distill.temperature), nst_weight=float(distill.nst.weight),
-        nst_layers=config_lib.parse_pairs(distill.nst.layers, "config.distill.nst.layers"), nst_kernel=kernel,
+        nst_layers=parse_pairs(distill.nst.layers, "config.distill.nst.layers"), nst_kernel=kernel,
         nst_params=params, nst_resize=distill.nst.resize, nst_unbiased=bool(distill.nst.unbiased),
         fitnet_weight=float(distill.fitnet.weight),
-        fitnet_layer=config_lib.parse_pairs(distill.fitnet.layer, "config.distill.fitnet.layer")[0],
+        fitnet_layer=parse_pairs(distill.fitnet.layer, "config.distill.fitnet.layer")[0],
         at_weight=float(distill.at.weight), at_p=float(distill.at.p),
-        at_layers=config_lib.parse_pairs(distill.at.layers, "config.distill.at.layers"))
+        at_layers=parse_pairs(distill.at.layers, "config.distill.at.layers"))
     for name in ("ce_weight", "kd_weight", "nst_weight", "fitnet_weight", "at_weight"):
       if getattr(objective, name) < 0:
-        raise config_lib.ConfigError(f"Loss weight {name} must be >= 0, got {getattr(objective, name)}.")
+        raise ValueError(f"Loss weight {name} must be >= 0, got {getattr(objective, name)}.")
     if objective.temperature <= 0:
-      raise config_lib.ConfigError(f"config.distill.temperature must be > 0, got {objective.temperature}.")
+      raise ValueError(f"config.distill.temperature must be > 0, got {objective.temperature}.")
     return objective
 
   @property
@@ -89,10 +109,10 @@ class Objective:
     return self.fitnet_weight > 0
 
   def check_taps(self, student_taps: Sequence[str], teacher_taps: Sequence[str] | None) -> None:
-    """Raises ConfigError if a configured layer is not a tap of its model, naming the valid taps."""
+    """Raises ValueError if a configured layer is not a tap of its model, naming the valid taps."""
     if teacher_taps is None:
       if self.needs_teacher:
-        raise config_lib.ConfigError("The objective has KD, NST, FitNet or AT terms (a weight > 0) but no "
+        raise ValueError("The objective has KD, NST, FitNet or AT terms (a weight > 0) but no "
                                      "teacher is "
                          "configured: set config.teacher.model, or set those weights to 0.")
       return
@@ -102,7 +122,7 @@ class Objective:
     for term, (student_tap, teacher_tap) in pairs:
       for who, tap, valid in (("student", student_tap, student_taps), ("teacher", teacher_tap, teacher_taps)):
         if tap not in valid:
-          raise config_lib.ConfigError(
+          raise ValueError(
               f"config.distill.{term}: {who} layer {tap!r} is not a tap of the {who} model. "
               f"Valid taps: {', '.join(sorted(valid))}.")
 

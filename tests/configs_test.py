@@ -15,8 +15,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from nst_jax import config_lib, kernels, losses, models, objective, parallel, train
-from nst_jax.data import device_pipeline, sources
+from nst_jax import kernels, losses, models, objective
+from nst_jax.trainer import config_lib, parallel, train
+from nst_jax.trainer.data import device_pipeline, sources
 
 # ml_collections loads config files with the deprecated SourceFileLoader.load_module.
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")

@@ -185,18 +185,6 @@ def test_fitnet_and_cross_entropy_match_numpy():
                              rtol=1e-6)
 
 
-def test_loss_registry():
-  rng = np.random.default_rng(3)
-  s = np.abs(rng.normal(size=(2, 4, 4, 3))).astype(np.float32)
-  t = np.abs(rng.normal(size=(2, 4, 4, 5))).astype(np.float32)
-  np.testing.assert_allclose(float(losses.get_loss("nst")(s, t)), ref.nst(s, t), rtol=1e-4)
-  logits, labels = rng.normal(size=(4, 6)).astype(np.float32), np.array([0, 5, 2, 2])
-  np.testing.assert_allclose(float(losses.get_loss("ce")(logits, labels)), ref.cross_entropy(logits, labels),
-                             rtol=1e-5)
-  with pytest.raises(ValueError, match=r"Unknown loss 'mmd'. Valid losses: ce, cross_entropy, kd"):
-    losses.get_loss("mmd")
-
-
 @pytest.mark.parametrize("call,match", [
     (lambda s, t: losses.nst(s[0], t), r"must be NHWC \(rank 4\)"),
     (lambda s, t: losses.nst(s, t[:1]), r"batch sizes differ: 2 vs 1"),
@@ -216,3 +204,15 @@ def test_bad_input_raises_with_valid_choices(call, match):
   s, t = _maps((2, 4, 4, 6), (2, 4, 4, 5))
   with pytest.raises(ValueError, match=match):
     call(s, t)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "polynomial", "gaussian"])
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_nst_per_image_is_the_double_sum_formula_after_pooling(kernel, unbiased):
+  rng = np.random.default_rng(4)
+  student = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+  teacher = np.abs(rng.normal(size=(2, 8, 6, 5))).astype(np.float32)  # pooled to 4 x 4 per axis
+  got = np.asarray(losses.nst_per_image(student, teacher, kernel=kernel, unbiased=unbiased))
+  s, t = ref.match(student, teacher, "pool")
+  expected = [ref.mmd2(ref.channel_rows(s[b]), ref.channel_rows(t[b]), kernel, unbiased) for b in range(2)]
+  np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from nst_jax import checkpoints, models
+from nst_jax import models
+from nst_jax.trainer import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -73,7 +74,7 @@ def _finish(procs, timeout=600):
 def _variables(workdir):
   model = models.get_model("resnet8", num_classes=10)
   x = jax.numpy.zeros((1, 32, 32, 1))
-  return checkpoints.load_teacher_variables(workdir, jax.eval_shape(lambda: model.init(
+  return checkpoints.load_variables(workdir, jax.eval_shape(lambda: model.init(
       jax.random.key(0), x, train=False)))
 
 

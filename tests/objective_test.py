@@ -139,3 +139,14 @@ def test_components_are_float32_for_bfloat16_features():
   bf16 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), tree)
   total, components = obj(labels, bf16(s_logits), bf16(s_feats), bf16(t_logits), bf16(t_feats))
   assert total.dtype == jnp.float32 and components["nst"].dtype == jnp.float32
+
+
+def test_parse_pairs():
+  assert objective.parse_pairs("stage1:stage1, stage3:stage2", "k") == (("stage1", "stage1"),
+                                                                        ("stage3", "stage2"))
+  assert objective.parse_pairs("", "k") == ()
+  assert objective.parse_pairs([("a", "b")], "k") == (("a", "b"),)
+  assert objective.format_pairs((("a", "b"), ("c", "d"))) == "a:b,c:d"
+  for bad in ("stage1", "stage1:stage2:stage3", "a:b,:c", [("a",)]):
+    with pytest.raises(ValueError, match=r"k must be student_tap:teacher_tap pairs"):
+      objective.parse_pairs(bad, "k")

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from nst_jax import sweep
+from nst_jax.tools import sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHOD_MD = ROOT.parent / "shared" / "reference" / "nst-method.md"

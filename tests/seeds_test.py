@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import digits
-from nst_jax import checkpoints, models, train_loop
+from nst_jax import models
+from nst_jax.trainer import checkpoints, train_loop
 
 IMAGE_SIZE = 8  # digits are 8x8: no resize, and the smallest maps resnet8 takes (8 / 4 / 2 px)
 
@@ -31,7 +32,7 @@ def _final_variables(workdir):
   model = models.get_model("resnet8", num_classes=10)
   x = jax.numpy.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1))
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  return jax.tree.map(np.asarray, checkpoints.load_teacher_variables(workdir, template))
+  return jax.tree.map(np.asarray, checkpoints.load_variables(workdir, template))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""PyTorch statements of the architectures `nst_jax.convert` imports, for its equivalence tests.
+"""PyTorch statements of the architectures `nst_jax.tools.convert` imports, for its equivalence tests.
 
 Written for these tests from the architectures' descriptions (RepDistiller's CIFAR models, torchvision's
 ImageNet ResNets), not from nst_jax's Flax code: each network is the plain PyTorch form, NCHW, with the

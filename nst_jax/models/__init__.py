@@ -25,6 +25,8 @@ import importlib
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 # Each family module defines `MODELS: dict[str, Callable[..., nn.Module]]`.
 _FAMILIES = (
@@ -62,3 +64,16 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   if name not in registry:
     raise ValueError(f"Unknown model {name!r}. Valid names: {', '.join(sorted(registry))}.")
   return registry[name](num_classes=num_classes, **kwargs)
+
+
+def variables_template(model: nn.Module, image_shape) -> dict:
+  """The shapes and dtypes of `model`'s variables for images of `image_shape` (H, W, C); nothing computed."""
+  sample = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample)
+
+
+def tap_shapes(model: nn.Module, image_shape) -> dict[str, tuple[int, ...]]:
+  """Each feature tap of `model` -> its per-example shape, for images of `image_shape` (shapes only)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  _, features = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  return {name: f.shape[1:] for name, f in features.items()}

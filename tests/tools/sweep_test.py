@@ -1,0 +1,314 @@
+"""The experiment runner: a real sweep of a tiny digits config (2 methods x 2 seeds, one shared teacher,
+2 jobs) killed with SIGKILL mid-run, rerun to the end and rerun again; the tables against NumPy on the
+runs' own results.json; bad input. One module-scoped sweep serves every test that needs trained runs.
+"""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nst_jax.tools import sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# Methods ce and kd on digits at 8 px, one epoch; kd's teacher is this file's own `:ce` run.
+CONFIG = '''"""A tiny digits sweep for tests."""
+
+import pathlib
+
+from configs import _common
+
+METHODS = ("ce", "kd")
+REFERENCE = {"kd": (50.0, "a made-up number"), "teacher": (40.0, "made up too")}
+
+
+def get_config(method: str = "kd"):
+  config = _common.base()
+  config.student.model = "resnet8"
+  config.data.image_size = 8
+  config.schedule.epochs = 1
+  config.schedule.decay_epochs = ()
+  config.logging.log_every_steps = 11
+  config.logging.tensorboard = False  # importing TensorFlow costs seconds per run
+  if method == "kd":
+    config.distill.kd_weight = 1.0
+    config.teacher.model = "resnet8"
+    config.teacher.config = f"{pathlib.Path(__file__).resolve()}:ce"
+  return config
+'''
+OVERRIDES = ["--config.logging.checkpoint_every_steps=2"]
+RUNS = [(m, k) for k in (0, 1) for m in ("ce", "kd")]
+
+
+def _start_sweep(base, root, *extra):
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",  # one CPU device per run
+         "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache")}  # later runs reuse the compiled steps
+  command = [sys.executable, "-m", "nst_jax.tools.sweep", "--config", str(base / "tiny.py"),
+             "--methods", "ce,kd",
+             "--seeds", "0,1", "--root", str(root), "--jobs", "2", *OVERRIDES, *extra]
+  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)  # its own process group, to kill it whole
+
+
+def _committed_steps(workdir):
+  path = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+def _results(root, method, seed):
+  return json.loads((root / method / f"seed{seed}" / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+  base = tmp_path_factory.mktemp("sweep")
+  (base / "tiny.py").write_text(CONFIG)
+  root = base / "root"
+  started = time.perf_counter()
+  proc = _start_sweep(base, root)
+  first = root / "ce" / "seed0"
+  deadline = time.time() + 400
+  while not _committed_steps(first) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its runs
+  proc.communicate(timeout=60)
+  killed = {"steps": _committed_steps(first), "finished": (first / "results.json").exists()}
+  proc = _start_sweep(base, root)
+  resumed_out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, resumed_out
+  mtimes = {run: (root / run[0] / f"seed{run[1]}" / "results.json").stat().st_mtime for run in RUNS}
+  proc = _start_sweep(base, root)
+  rerun_out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, rerun_out
+  print(f"sweep fixture: {time.perf_counter() - started:.0f} s")
+  return {"base": base, "root": root, "killed": killed, "resumed_out": resumed_out, "rerun_out": rerun_out,
+          "mtimes": mtimes}
+
+
+def test_layout_and_what_each_run_was_given(swept):
+  root = swept["root"]
+  spec = json.loads((root / "sweep.json").read_text())
+  assert spec == {"config": str(swept["base"] / "tiny.py"), "methods": ["ce", "kd"], "seeds": [0, 1],
+                  "overrides": OVERRIDES}
+  for name in ("results.csv", "results.md", "curves.png"):
+    assert (root / name).is_file(), name
+  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["ce", "kd", "teacher"]
+  for method, seed in RUNS:
+    workdir = root / method / f"seed{seed}"
+    assert _results(root, method, seed)["finished"] is True
+    assert (workdir / "curves.png").is_file() and (workdir / "run.json").is_file()
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["seed"] == seed and config["logging"]["checkpoint_every_steps"] == 2
+    if method == "kd":
+      assert config["teacher"]["workdir"] == str(root / "teacher")
+    else:
+      assert config["teacher"]["model"] == ""
+  assert json.loads((root / "teacher" / "results.json").read_text())["finished"] is True
+
+
+def test_teacher_trained_once_and_shared(swept):
+  root = swept["root"]
+  stages = {run: [s["name"] for s in json.loads((root / run[0] / f"seed{run[1]}" / "run.json").read_text())
+                  ["stages"]] for run in RUNS}
+  assert sum("teacher" in names for names in stages.values()) == 1, stages
+  assert stages[("kd", 1)] == ["student"] and stages[("ce", 0)] == ["student"]
+  teacher = json.loads((root / "teacher" / "results.json").read_text())
+  for seed in (0, 1):  # Both kd runs measured the one teacher run: its final accuracy.
+    assert _results(root, "kd", seed)["teacher"]["top1"] == pytest.approx(teacher["last_top1"])
+
+
+def test_sigkill_mid_run_then_the_same_command_resumes(swept):
+  killed = swept["killed"]
+  assert killed["steps"] and not killed["finished"], killed  # The kill hit the first run mid-run.
+  log = (swept["root"] / "ce" / "seed0" / "log.txt").read_text()
+  assert "resumed from step" in log
+  assert _results(swept["root"], "ce", 0)["epochs"][-1]["epoch"] == 1
+  out = swept["resumed_out"]
+  assert "run 1 of 4" in out and "run 4 of 4" in out and "ETA" in out
+
+
+def test_finished_runs_are_skipped(swept):
+  root, out = swept["root"], swept["rerun_out"]
+  assert out.count("finished before: skipped") == 4 and "started" not in out
+  for run, mtime in swept["mtimes"].items():
+    assert (root / run[0] / f"seed{run[1]}" / "results.json").stat().st_mtime == mtime
+
+
+def test_csv_means_and_stds_against_numpy(swept):
+  root = swept["root"]
+  rows = {r["method"]: r for r in csv.DictReader((root / "results.csv").open())}
+  assert list(rows) == ["ce", "kd", "teacher"]
+  for method in ("ce", "kd"):
+    results = [_results(root, method, k) for k in (0, 1)]
+    row = rows[method]
+    assert row["n"] == "2" and row["n_planned"] == "2" and row["seeds"] == "0 1"
+    for metric in ("last_top1", "best_top1", "last_top5", "best_top5"):
+      values = np.array([r[metric] for r in results])
+      assert float(row[f"{metric}_mean"]) == pytest.approx(values.mean(), abs=1e-6)
+      std = np.sqrt(((values - values.mean()) ** 2).sum() / (len(values) - 1))  # sample std, by hand
+      assert float(row[f"{metric}_std"]) == pytest.approx(std, abs=1e-6)
+  assert float(rows["kd"]["teacher_top1"]) == pytest.approx(_results(root, "kd", 0)["teacher"]["top1"])
+  assert rows["ce"]["teacher_top1"] == "" and rows["ce"]["reference"] == ""
+  assert (float(rows["kd"]["reference"]), rows["kd"]["source"]) == (50.0, "a made-up number")
+  teacher = json.loads((root / "teacher" / "results.json").read_text())
+  assert float(rows["teacher"]["last_top1_mean"]) == pytest.approx(teacher["last_top1"], abs=1e-6)
+  assert rows["teacher"]["last_top1_std"] == "" and rows["teacher"]["reference"] == "40.000000"
+  md = (root / "results.md").read_text()
+  ce = [_results(root, "ce", k)["last_top1"] for k in (0, 1)]
+  assert f"| ce | 2 | {np.mean(ce):.2f} ± {np.std(ce, ddof=1):.2f} |" in md
+
+
+def test_curves_are_pictures(swept):
+  for path, size in ((swept["root"] / "curves.png", (1280, 840)),
+                     (swept["root"] / "kd" / "seed1" / "curves.png", (2000, 800))):
+    image = np.asarray(Image.open(path).convert("L"), np.float32)
+    assert image.shape[::-1] == size, path
+    assert image.std() > 10.0, path  # not a blank canvas: axes, text and lines
+
+
+def test_report_rebuilds_tables_from_what_exists(swept, capsys):
+  root = swept["root"]
+  before = (root / "results.csv").read_text()
+  for name in ("results.csv", "results.md", "curves.png"):
+    (root / name).unlink()
+  assert sweep.main(["--report", "--root", str(root)]) == 0
+  assert (root / "results.csv").read_text() == before
+  assert (root / "curves.png").is_file() and "| kd | 2 |" in capsys.readouterr().out
+
+
+def test_report_reads_the_runs_and_exports_them_without_checkpoints(swept, tmp_path):
+  root, dest = swept["root"], tmp_path / "export"
+  comparisons = list(csv.DictReader(open(root / "comparisons.csv")))
+  assert [(r["method"], r["against"], r["n"]) for r in comparisons] == [("kd", "ce", "2")]
+  last = {m: [_results(root, m, k)["last_top1"] for k in (0, 1)] for m in ("ce", "kd")}
+  assert float(comparisons[0]["difference"]) == pytest.approx(np.mean(last["kd"]) - np.mean(last["ce"]),
+                                                             abs=1e-5)
+  terms = {(r["method"], r["term"]): r for r in csv.DictReader(open(root / "terms.csv"))}
+  assert set(terms) == {("ce", "ce"), ("kd", "ce"), ("kd", "kd")}
+  kd = [_results(root, "kd", k)["epochs"][-1]["train"] for k in (0, 1)]
+  assert float(terms["kd", "kd"]["end"]) == pytest.approx(np.mean([t["train_kd_loss"] for t in kd]), rel=1e-5)
+  assert sweep.main(["--report", "--root", str(root), "--export", str(dest)]) == 0
+  assert not list(dest.rglob("checkpoints")) and (dest / "teacher" / "results.json").is_file()
+  def strings(value):
+    if isinstance(value, dict):
+      value = list(value.values())
+    return [s for v in value for s in strings(v)] if isinstance(value, list) else [value]
+  for path in dest.rglob("*.json"):  # no absolute path of this machine, flags' values included
+    assert not [s for s in strings(json.loads(path.read_text()))
+                if isinstance(s, str) and os.path.isabs(s.rpartition("=")[2])], path
+  assert json.loads((dest / "kd" / "seed1" / "results.json").read_text()) == _results(root, "kd", 1)
+
+
+# Without training: tables from hand-written results, the plan, bad input.
+
+
+def _fake_root(tmp_path, finished):
+  """A sweep root of `method -> {seed: last_top1}` with hand-written results.json files."""
+  root = tmp_path / "root"
+  root.mkdir()
+  (root / "sweep.json").write_text(json.dumps({"config": "configs/none.py", "methods": list(finished),
+                                               "seeds": [0, 1, 2], "overrides": []}))
+  for method, runs in finished.items():
+    for seed, top1 in runs.items():
+      workdir = root / method / f"seed{seed}"
+      workdir.mkdir(parents=True)
+      epochs = [{"epoch": 1, "top1": top1 - 5, "top5": 90.0}, {"epoch": 2, "top1": top1, "top5": 95.0}]
+      (workdir / "results.json").write_text(json.dumps(
+          {"finished": True, "last_top1": top1, "last_top5": 95.0, "best_top1": top1, "best_epoch": 2,
+           "epochs": epochs}))  # no best_top5, no "train": an older results.json
+  (root / "kd" / "seed2").mkdir()  # an unfinished run: a folder without results.json
+  return root
+
+
+def test_fewer_finished_runs_than_seeds_is_said(tmp_path):
+  root = _fake_root(tmp_path, {"ce": {0: 60.0, 1: 62.0, 2: 67.0}, "kd": {0: 70.0}})
+  rows = {r["method"]: r for r in sweep.report(str(root))}
+  assert rows["ce"]["n"] == 3 and rows["ce"]["last_top1_mean"] == pytest.approx(63.0)
+  assert rows["ce"]["last_top1_std"] == pytest.approx(np.sqrt((9 + 1 + 16) / 2))
+  assert rows["kd"]["n"] == 1 and rows["kd"]["last_top1_std"] is None
+  assert rows["kd"]["best_top5_mean"] == 95.0  # the best over the epochs when results.json has no best_top5
+  md = (root / "results.md").read_text()
+  assert "| kd | 1 of 3 | 70.00 |" in md and "| ce | 3 | 63.00 ± 3.61 |" in md
+
+
+def test_plan_goes_seed_by_seed_and_shares_the_teacher(tmp_path):
+  (tmp_path / "tiny.py").write_text(CONFIG)
+  module = sweep.load_config_module(str(tmp_path / "tiny.py"))
+  spec = {"config": "x/tiny.py", "methods": ["kd", "ce"], "seeds": [3, 5], "overrides": ["--config.a=1"],
+          "root": "r"}
+  runs = sweep.plan(spec, module)
+  assert [(r.method, r.seed, r.workdir, r.distils) for r in runs] == [
+      ("kd", 3, "r/kd/seed3", True), ("ce", 3, "r/ce/seed3", False),
+      ("kd", 5, "r/kd/seed5", True), ("ce", 5, "r/ce/seed5", False)]
+  assert sweep.run_command(spec, runs[0], module)[3:] == [
+      "--config", "x/tiny.py:kd", "--workdir", "r/kd/seed3", "--config.seed=3",
+      f"--config.teacher.workdir={os.path.abspath('r/teacher')}", "--config.a=1"]
+  assert sweep.run_command(spec, runs[1], module)[3:] == [
+      "--config", "x/tiny.py:ce", "--workdir", "r/ce/seed3", "--config.seed=3", "--config.a=1"]
+
+
+def test_references_of_configs_with_and_without_methods():
+  teacher = sweep.load_config_module("configs/cifar100_resnet32x4.py")
+  assert sweep.config_methods(teacher) == ("cifar100_resnet32x4",)
+  assert sweep.references(teacher)["cifar100_resnet32x4"][0] == 79.42
+  pair = sweep.references(sweep.load_config_module("configs/cifar100_resnet32x4_to_resnet8x4.py"))
+  assert pair["kd"][0] == 73.33 and pair["teacher"][0] == 79.42 and "kd_nst" not in pair
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/nope.py", "--seeds", "0"], "Config file 'configs/nope.py' does not exist."),
+    (["--config", "configs/_common.py", "--seeds", "0"], "'configs/_common.py' is not a config file"),
+    (["--config", "configs/cifar10_folder.py", "--methods", "kd,bogus"],
+     "Unknown method(s) bogus. Valid methods: kd_nst, kd, nst, ce."),
+    (["--config", "configs/cifar10_folder.py"], "--methods is required for this config. Valid methods: "),
+    (["--config", "configs/cifar10_folder.py", "--methods", "kd", "--seeds", "0,one"],
+     "--seeds must be comma-separated integers >= 0"),
+    (["--config", "configs/cifar10_folder.py:kd", "--methods", "kd"], "give the config file alone"),
+    (["--config", "configs/cifar10_folder.py", "--methods", "kd", "--config.seed=3"], "--seeds sets"),
+    (["--config", "configs/cifar10_folder.py", "--methods", "kd", "--config.schedule.epoch=3"],
+     "Unknown config key 'schedule.epoch'"),
+    (["--config", "configs/cifar10_folder.py", "--methods", "kd", "--config.schedule.epochs", "3"],
+     "written --config.KEY=VALUE"),
+    (["--config", "configs/cifar10_folder.py", "--methods", "kd", "--jobs", "0"], "--jobs must be"),
+    (["--report"], "is not a sweep root"),
+])
+def test_bad_input_is_one_line_naming_the_choices(args, message, tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  assert sweep.main([*args, "--root", str(tmp_path / "root")]) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count("\n") == 1, err
+  assert not (tmp_path / "root" / "sweep.json").exists()
+
+
+def test_changed_overrides_on_an_existing_root_are_refused(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  root = tmp_path / "root"
+  sweep.update_spec(str(root), "configs/cifar10_folder.py", ["kd"], [0], ["--config.schedule.epochs=2"])
+  args = ["--config", "configs/cifar10_folder.py", "--methods", "kd", "--root", str(root),
+          "--config.schedule.epochs=3"]
+  assert sweep.main(args) == 2
+  assert "Use another --root, or the same config and overrides." in capsys.readouterr().err
+
+
+def test_a_run_still_running_is_not_started_twice(tmp_path):
+  workdir = tmp_path / "root" / "ce" / "seed0"
+  workdir.mkdir(parents=True)
+  held = sweep._lock(str(workdir / ".sweep.lock"))  # as an orphaned run of a killed sweep holds it
+  try:
+    (tmp_path / "tiny.py").write_text(CONFIG)
+    module = sweep.load_config_module(str(tmp_path / "tiny.py"))
+    spec = {"config": str(tmp_path / "tiny.py"), "methods": ["ce"], "seeds": [0], "overrides": [],
+            "root": str(tmp_path / "root")}
+    with pytest.raises(sweep.SweepError, match="still running"):
+      sweep._Runner(spec, module, sweep.plan(spec, module), jobs=1)
+  finally:
+    os.close(held)
