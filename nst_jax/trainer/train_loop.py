@@ -12,9 +12,10 @@ finish.
 Files in a stage's workdir (`trainer.rundir`): `config.json` (its config, paths made absolute),
 `run.json` (code, packages, devices, timings), `checkpoints/` (Orbax), `results.json` (last and best
 top-1 / top-5, the per-epoch history of evaluation and mean train metrics, the teacher's accuracy),
-`log.txt` and, where TensorFlow is installed, TensorBoard event files. The data position is the step (the in-memory pipeline is a pure
-function of seed and step), so a resumed run reproduces an uninterrupted one bitwise on CPU. A workdir
-that this command created is removed again if the stage fails before its first step.
+`log.txt` and, where TensorFlow is installed, TensorBoard event files. The data position is the step
+(the in-memory pipeline is a pure function of seed and step), so a resumed run reproduces an
+uninterrupted one bitwise on CPU. A workdir that this command created is removed again if the stage
+fails before its first step.
 """
 
 import dataclasses
