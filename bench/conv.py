@@ -1,7 +1,7 @@
 """Benchmark of the zoo's convolutions: forward, input gradient and kernel gradient, XLA vs nst_jax.
 
     python bench/conv.py [--models resnet8x4,resnet32x4] [--batch 64] [--rounds 5] [--dtype float32]
-                         [--no-torch]
+                         [--no-torch] [--forms] [--write-table PATH]
 
 The convolution shapes are read off the models themselves: each model's forward pass is traced (with
 `conv.use_impl("xla")`, so every convolution is one `conv_general_dilated` equation) at 32x32 inputs and
@@ -20,12 +20,22 @@ last table sums, per model, median time x uses over its shapes: the convolution 
 step (fwd + dx + dw), the part of the step this module changes; "vs torch" is PyTorch's total / auto's
 (above 1: nst_jax is faster). Figures from a shared machine are noisy: read the ratios, and compare
 rows of one run only.
+
+`--forms` (implied by `--write-table`) then times, for every `groups == 1` configuration, each exact
+formulation of the two gradients that `nst_jax.models.conv` offers (`conv.DX_FORMS`, `conv.DW_FORMS`;
+"xla" is XLA's own), interleaved as above, and prints their GFLOP/s at the fastest round (interference
+from other processes only ever slows a round down, so the fastest round is the least disturbed).
+`--write-table PATH` writes the fastest form of each gradient per configuration as the JSON table
+`conv.choose` reads (`nst_jax/models/conv_table.json` is the shipped one; `conv.set_table(PATH)` or
+NST_JAX_CONV_TABLE=PATH selects another), with the machine, the command and the load average.
 """
 
 import argparse
 import collections
 import functools
+import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -125,9 +135,88 @@ def torch_programs(shape: Shape, dtype_name: str):
           "dw": (lambda: backward([False, True, False]), ())}
 
 
-def time_interleaved(programs, rounds, seed=0):
-  """{key: median seconds} of `programs` {key: (fn, args)}, one call each per round, in a new random order
-  every round (a fixed order would always run a program after the same neighbour, warm or cold)."""
+def form_programs(shape: Shape, inputs):
+  """{(pass, form): (compiled fn, args)} of every gradient formulation applicable to a `groups == 1` shape."""
+  x, kernel, grad = inputs
+  progs = {}
+  for form in conv.DX_FORMS:
+    if form == "xla":
+      fn = lambda k, g: jax.vjp(lambda x_: conv.xla_conv(x_, k, shape.strides, shape.padding, 1), x)[1](g)[0]
+    elif conv.form_applies("dx", form, shape.kernel, shape.strides, shape.padding):
+      fn = functools.partial(lambda k, g, form: conv.input_grad(g, k, shape.x[1:3], shape.strides,
+                                                                shape.padding, form), form=form)
+    else:
+      continue
+    progs[("dx", form)] = (jax.jit(fn).lower(kernel, grad).compile(), (kernel, grad))
+  for form in conv.DW_FORMS:
+    if form == "xla":
+      fn = lambda x_, g: jax.vjp(lambda k_: conv.xla_conv(x_, k_, shape.strides, shape.padding, 1),
+                                 kernel)[1](g)[0]
+    elif conv.form_applies("dw", form, shape.kernel, shape.strides, shape.padding):
+      fn = functools.partial(lambda x_, g, form: conv.kernel_grad(x_, g, shape.kernel[:2], shape.strides,
+                                                                  shape.padding, form), form=form)
+    else:
+      continue
+    progs[("dw", form)] = (jax.jit(fn).lower(x, grad).compile(), (x, grad))
+  return progs
+
+
+def machine() -> str:
+  """The CPU model, its count and the JAX version: what a measured table belongs to."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"{model}, {os.cpu_count()} CPUs, jax {jax.__version__}"
+
+
+def load_average() -> str:
+  try:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+  except OSError:
+    return "n/a"
+
+
+def run_forms(uses, batch_dtype, rounds, table_path, command):
+  """Times every formulation per `groups == 1` configuration; writes the table if `table_path`."""
+  load_before = load_average()
+  print(f"\ngradient formulations, GFLOP/s at the fastest of {rounds} interleaved rounds (load average "
+        f"{load_before}); * the fastest")
+  header = f"{'shape (HxW Cin->Cout k s)':<28}" + "".join(f"{'dx ' + f:>10}" for f in conv.DX_FORMS) + \
+      "".join(f"{'dw ' + f:>10}" for f in conv.DW_FORMS)
+  print(header)
+  print("-" * len(header), flush=True)
+  entries = {}
+  for shape in sorted(uses, key=lambda s: (-s.x[1], s.x[3], s.kernel)):
+    if shape.groups != 1:
+      continue
+    inputs = jax_inputs(shape, batch_dtype)
+    progs = form_programs(shape, inputs)
+    best = time_interleaved(progs, rounds, statistic=min)
+    fl = flops(shape)
+    choice = {p: min((best[k], k[1]) for k in best if k[0] == p)[1] for p in ("dx", "dw")}
+    cells = "".join(f"{fl / best[(p, f)] / 1e9:>9.1f}{'*' if choice[p] == f else ' '}" if (p, f) in best
+                    else f"{'-':>10}" for p, forms in (("dx", conv.DX_FORMS), ("dw", conv.DW_FORMS))
+                    for f in forms)
+    print(f"{describe(shape):<28}{cells}", flush=True)
+    key = conv.table_key(shape.x, shape.kernel, shape.strides, shape.padding, batch_dtype)
+    entries[key] = {**choice, "gflops": {f"{p} {f}": round(fl / t / 1e9, 1) for (p, f), t in best.items()}}
+  if table_path:
+    table = {"machine": machine(), "command": command,
+             "load_average": f"{load_before} before, {load_average()} after (1, 5, 15 min)",
+             "statistic": f"fastest of {rounds} interleaved rounds", "entries": entries}
+    with open(table_path, "w") as f:
+      json.dump(table, f, indent=1)
+      f.write("\n")
+    print(f"\nwrote {len(entries)} entries to {table_path}")
+
+
+def time_interleaved(programs, rounds, seed=0, statistic=statistics.median):
+  """{key: `statistic` of the seconds} of `programs` {key: (fn, args)}, one call each per round, in a new
+  random order every round (a fixed order would always run a program after the same neighbour, warm or
+  cold)."""
   keys = list(programs)
   for key in keys:
     fn, args = programs[key]
@@ -141,7 +230,7 @@ def time_interleaved(programs, rounds, seed=0):
       start = time.perf_counter()
       jax.block_until_ready(fn(*args))
       times[key].append(time.perf_counter() - start)
-  return {key: statistics.median(t) for key, t in times.items()}
+  return {key: statistic(t) for key, t in times.items()}
 
 
 def describe(shape: Shape) -> str:
@@ -158,6 +247,10 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even when it is installed")
+  parser.add_argument("--forms", action="store_true", help="also time every gradient formulation")
+  parser.add_argument("--write-table", metavar="PATH", help="write the fastest formulations as a table "
+                      "(implies --forms)")
+  parser.add_argument("--forms-only", action="store_true", help="skip the xla/auto/torch comparison")
   args = parser.parse_args()
   names = args.models.split(",")
   dtype = jnp.dtype(args.dtype)
@@ -173,6 +266,10 @@ def main():
   print(f"jax {jax.__version__} on {device.platform} ({os.cpu_count()} CPUs); {torch_version or 'no torch'}; "
         f"batch {args.batch}, {args.dtype}, NHWC; median of {args.rounds} interleaved rounds; GFLOP/s\n")
   uses = zoo_shapes(names, args.batch)
+  if args.forms or args.write_table:
+    run_forms(uses, dtype, args.rounds, args.write_table, "python bench/conv.py " + " ".join(sys.argv[1:]))
+  if args.forms_only:
+    return
   impls = ("xla", "auto") + (("torch",) if torch_version else ())
   header = (f"{'shape (HxW Cin->Cout k s)':<28}{'uses':>5}" + "".join(f"{p + ' ' + i:>11}" for p in PASSES
                                                                      for i in impls)

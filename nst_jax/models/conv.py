@@ -1,34 +1,58 @@
-"""The zoo's 2-D convolution: XLA's own on GPU and TPU, exact faster formulations of its gradients on CPU.
+"""The zoo's 2-D convolution: XLA's own on GPU and TPU, exact formulations of its gradients chosen by
+measurement on CPU.
 
-XLA:CPU computes the kernel gradient of a convolution as another convolution with the batch as the
-contracted feature axis, which ran 2-10x slower than the forward pass on the development machines, and
-its grouped and depthwise convolutions, forward and backward, 10-50x slower than the same arithmetic as
-shifted elementwise products (bench/conv.py measures each). `conv2d` is a `jax.custom_vjp` whose
-forward pass and gradients are chosen, per configuration, at lowering time by `lax.platform_dependent`:
+XLA:CPU's gradients of a convolution are themselves convolutions (the kernel gradient one with the batch
+as the contracted feature axis), and its grouped and depthwise convolutions, forward and backward, ran
+10-50x slower than the same arithmetic as shifted elementwise products (bench/conv.py measures each).
+`conv2d` is a `jax.custom_vjp` whose forward pass and gradients are chosen per configuration, at lowering
+time by `lax.platform_dependent`:
 
 * every platform but CPU: `lax.conv_general_dilated` and its autodiff gradients, i.e. exactly what the
   model would compute without this module (cuDNN on GPU);
-* CPU, `groups == 1`: XLA's forward pass and input gradient (fast there), and the kernel gradient as
-  matrix products of shifted input views with the output gradient, (input view)^T @ grad per kernel
-  offset, contracted over all output positions (`kernel_grad`), except for narrow stride-1 k x k
-  convolutions, where XLA's own was faster (`_ROWS_MIN_CHANNELS`);
+* CPU, `groups == 1`: XLA's forward pass (its fastest there), and each gradient in the formulation that
+  was fastest for that configuration (input and kernel shape, strides, padding, dtype) when measured by
+  `bench/conv.py --write-table` (`choose`, `TABLE_FILE`):
+
+  - kernel gradient (`kernel_grad`): "xla" (XLA's own), "taps" (one matrix product per kernel offset,
+    (shifted input view)^T @ grad, contracted over all output positions), "rows" (stride 1: one product
+    per kernel row, the column offset moved to the gradient) or "concat" (the k*k shifted views
+    concatenated along channels, one (k*k*C_in) x C_out contraction; over chunks of the batch, summed, so
+    that the concatenated copy stays below `CONCAT_CHUNK_BYTES`);
+  - input gradient (`input_grad`): "xla" or "flip" (stride 1: the forward convolution of the output
+    gradient with the spatially flipped, transposed kernel);
+
 * CPU, depthwise (one input channel per group, as in MobileNetV2 and ShuffleNet): the convolution as
   k*k shifted elementwise products, and its gradients by autodiff of that form (pads and reductions);
 * CPU, grouped 1x1 (ShuffleNet v1): a batched matrix product over the groups, gradients by autodiff.
 
 Every formulation is exact up to float32 summation order (the tests compare each one with `jax.vjp` of
-`lax.conv_general_dilated`). In bfloat16 the matrix products and the depthwise sums accumulate in
-float32 and round once, as XLA's own convolution does.
+`lax.conv_general_dilated`), so the table decides speed only, never values beyond rounding. In bfloat16
+the matrix products and the depthwise sums accumulate in float32 and round once, as XLA's own
+convolution does.
+
+The shipped table (`conv_table.json` beside this file) was measured on one machine, named in it;
+configurations it lacks take the entry of the same configuration at the nearest batch size, else
+`DEFAULT_CHOICE`. `bench/conv.py --write-table PATH` measures a table for the machine it runs on;
+`set_table(PATH)` or the environment variable `NST_JAX_CONV_TABLE` (read when the first convolution is
+traced) makes it the one in use. A table that cannot be read falls back to the shipped one with one
+warning, so it never stops a run.
 
 The implementation is chosen when a function is traced, process-wide: `set_impl("xla")` (e.g. from
 `config.conv_impl`) or, for a block, `use_impl("xla")` makes every convolution traced afterwards a
 plain `lax.conv_general_dilated`, the reference path. JAX caches traces by function: a function that is
-already jitted keeps the implementation it was traced with, so choose before building the step.
+already jitted keeps the implementation (and table) it was traced with, so choose before building the
+step.
 """
 
 import contextlib
 import functools
-from collections.abc import Sequence
+import json
+import math
+import os
+import pathlib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,30 +186,143 @@ def _xla_vjp(x, kernel, grad, *, strides, padding, groups):
 
 
 def _cpu_vjp(x, kernel, grad, *, strides, padding, groups):
-  if groups == 1 and _xla_kernel_grad_is_faster(kernel.shape, strides):
-    return _xla_vjp(x, kernel, grad, strides=strides, padding=padding, groups=groups)
-  if groups == 1:
-    _, vjp_x = jax.vjp(lambda x_: xla_conv(x_, kernel, strides, padding, 1), x)
-    (dx,) = vjp_x(grad)
-    return dx, kernel_grad(x, grad, kernel.shape[:2], strides, padding).astype(kernel.dtype)
-  _, vjp = jax.vjp(functools.partial(_cpu_grouped, strides=strides, padding=padding, groups=groups), x,
-                   kernel)
-  return vjp(grad)
+  if groups != 1:
+    _, vjp = jax.vjp(functools.partial(_cpu_grouped, strides=strides, padding=padding, groups=groups), x,
+                     kernel)
+    return vjp(grad)
+  choice = choose(x.shape, kernel.shape, strides, padding, x.dtype)
+  if choice == Choice("xla", "xla"):
+    return _xla_vjp(x, kernel, grad, strides=strides, padding=padding, groups=1)
+  if choice.dx == "xla":
+    (dx,) = jax.vjp(lambda x_: xla_conv(x_, kernel, strides, padding, 1), x)[1](grad)
+  else:
+    dx = input_grad(grad, kernel, x.shape[1:3], strides, padding, choice.dx)
+  if choice.dw == "xla":
+    (dw,) = jax.vjp(lambda k_: xla_conv(x, k_, strides, padding, 1), kernel)[1](grad)
+  else:
+    dw = kernel_grad(x, grad, kernel.shape[:2], strides, padding, choice.dw).astype(kernel.dtype)
+  return dx, dw
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing a formulation: the measured table.
+
+# Formulations of each gradient of a `groups == 1` convolution, XLA's own first.
+DW_FORMS = ("xla", "taps", "rows", "concat")
+DX_FORMS = ("xla", "flip")
+TABLE_FILE = pathlib.Path(__file__).with_name("conv_table.json")
+TABLE_ENV = "NST_JAX_CONV_TABLE"
+
+
+class Choice(NamedTuple):
+  """The formulation of the input gradient (`dx`, of DX_FORMS) and of the kernel gradient (`dw`)."""
+  dx: str
+  dw: str
+
+
+# Configurations neither in the table nor at another batch size in it. "concat" was the fastest or within
+# noise of it for the CIFAR zoo's convolutions in every measured table; XLA's input gradient was as fast as
+# "flip" or faster.
+DEFAULT_CHOICE = Choice(dx="xla", dw="concat")
+
+# The bound on the concatenated copy of the "concat" kernel gradient, per chunk of the batch: the largest
+# divisor of the batch whose copy fits (one image at least, however large). Chunks of 2-8 MiB (within the
+# last-level cache) ran 1.5-2x faster than the whole batch at once at 32x32 (bench/conv.py --forms).
+CONCAT_CHUNK_BYTES = 4 * 2**20
+
+_table_source: str | os.PathLike | Mapping | None = None  # None: $NST_JAX_CONV_TABLE, else TABLE_FILE.
+_table_cache: dict | None = None
+
+
+def table_key(x_shape, kernel_shape, strides, padding, dtype) -> str:
+  """The table's key of a `groups == 1` configuration, e.g. "float32 64x32x32x64 3x3x64x64 s1x1 p1,1,1,1"."""
+  dims = lambda shape: "x".join(str(int(d)) for d in shape)
+  pads = ",".join(str(int(p)) for pair in padding for p in pair)
+  return f"{jnp.dtype(dtype).name} {dims(x_shape)} {dims(kernel_shape)} s{dims(strides)} p{pads}"
+
+
+def _parse_key(key: str):
+  dtype, x_shape, rest = key.split(" ", 2)
+  return dtype, tuple(int(d) for d in x_shape.split("x")), rest
+
+
+def set_table(table: str | os.PathLike | Mapping | None) -> None:
+  """The table convolutions traced from now on are chosen by: a JSON file written by `bench/conv.py
+  --write-table`, its contents as a mapping, or None for `$NST_JAX_CONV_TABLE` if set, else TABLE_FILE."""
+  global _table_source, _table_cache
+  _table_source, _table_cache = table, None
+
+
+@contextlib.contextmanager
+def use_table(table: str | os.PathLike | Mapping | None):
+  """Within the block, convolutions are chosen by `table` (as in `set_table`); the previous one after it."""
+  previous = _table_source
+  set_table(table)
+  try:
+    yield
+  finally:
+    set_table(previous)
+
+
+def load_table(source: str | os.PathLike | Mapping | None = None) -> dict:
+  """{key: Choice} of a table (see `set_table`); an unreadable or malformed one gives the shipped table
+  and one warning, naming the problem."""
+  if source is None:
+    source = os.environ.get(TABLE_ENV) or TABLE_FILE
+  try:
+    data = source if isinstance(source, Mapping) else json.loads(pathlib.Path(source).read_text())
+    return {key: _checked_choice(key, entry) for key, entry in data["entries"].items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    if not isinstance(source, Mapping) and pathlib.Path(source) == TABLE_FILE:
+      raise  # The shipped table is part of the package: a broken one is a bug, not a machine's state.
+    warnings.warn(f"Convolution table {source!r} unusable ({type(e).__name__}: {e}); using the shipped "
+                  f"table {TABLE_FILE.name}.", stacklevel=2)
+    return load_table(TABLE_FILE)
+
+
+def _checked_choice(key, entry) -> Choice:
+  choice = Choice(dx=entry["dx"], dw=entry["dw"])
+  if choice.dx not in DX_FORMS or choice.dw not in DW_FORMS:
+    raise ValueError(f"entry {key!r}: {tuple(choice)}; valid dx: {', '.join(DX_FORMS)}, "
+                     f"dw: {', '.join(DW_FORMS)}")
+  return choice
+
+
+def _table() -> dict:
+  global _table_cache
+  if _table_cache is None:
+    _table_cache = load_table(_table_source)
+  return _table_cache
+
+
+def choose(x_shape, kernel_shape, strides, padding, dtype) -> Choice:
+  """The gradient formulations of a `groups == 1` convolution on CPU: the table's entry for the
+  configuration; else that of the same configuration at the nearest batch size (by ratio); else
+  DEFAULT_CHOICE. Forms a configuration cannot take (e.g. "rows" or "flip" at stride 2) become "xla"."""
+  table = _table()
+  key = table_key(x_shape, kernel_shape, strides, padding, dtype)
+  choice = table.get(key)
+  if choice is None:
+    dtype_name, _, rest = _parse_key(key)
+    same = [(abs(math.log(shape[0] / x_shape[0])), shape[0], k) for k in table
+            for d, shape, r in [_parse_key(k)] if d == dtype_name and r == rest and shape[1:] == x_shape[1:]]
+    choice = table[min(same)[2]] if same else DEFAULT_CHOICE
+  return Choice(dx=choice.dx if form_applies("dx", choice.dx, kernel_shape, strides, padding) else "xla",
+                dw=choice.dw if form_applies("dw", choice.dw, kernel_shape, strides, padding) else "xla")
+
+
+def form_applies(grad: str, form: str, kernel_shape, strides, padding) -> bool:
+  """Whether gradient `grad` ("dx" or "dw") of this configuration can take formulation `form`: "rows"
+  needs stride 1 and k_w > 1; "flip" stride 1 and padding <= k - 1 per side (it pads by k - 1 - p)."""
+  if grad == "dw":
+    return form in DW_FORMS and (form != "rows" or (tuple(strides) == (1, 1) and kernel_shape[1] > 1))
+  return form in DX_FORMS and (form != "flip" or (
+      tuple(strides) == (1, 1)
+      and all(p <= k - 1 for k, pair in zip(kernel_shape[:2], padding, strict=True) for p in pair)))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CPU formulations.
-
-# Stride-1 k x k convolutions with fewer channels (in or out) than this keep XLA's kernel gradient:
-# measured in the training step (bench/step_torch.py --no-torch), it was the faster one for resnet8's
-# 16-64 channels, and `_kernel_grad_rows` from 128 channels up (resnet8x4). 1x1 and strided
-# convolutions always take `kernel_grad`, which was faster at every width measured.
-_ROWS_MIN_CHANNELS = 128
-
-
-def _xla_kernel_grad_is_faster(kernel_shape, strides) -> bool:
-  kh, kw, cin, cout = kernel_shape
-  return strides == (1, 1) and (kh, kw) != (1, 1) and min(cin, cout) < _ROWS_MIN_CHANNELS
 
 
 def _accumulation_dtype(dtype):
@@ -204,20 +341,59 @@ def shifted_inputs(x, kernel_hw, strides, padding, out_hw):
           for i in range(kh) for j in range(kw)]
 
 
-def kernel_grad(x, grad, kernel_hw, strides, padding):
+def kernel_grad(x, grad, kernel_hw, strides, padding, form: str = "concat"):
   """d loss / d kernel of a `groups == 1` convolution, (kh, kw, C_in, C_out), float32 accumulation.
 
-  Entry (i, j) is (input view (i, j))^T @ grad contracted over all output positions. Stride 1 (k > 1):
-  `_kernel_grad_rows`; otherwise one matrix product per kernel offset on its strided input view (at
-  stride 2 the views are a quarter of the input each, so copying them is cheap).
+  Entry (i, j) is (input view (i, j))^T @ grad contracted over all output positions, computed as `form`:
+  "taps" (one matrix product per (i, j)), "rows" (stride 1, k_w > 1: `_kernel_grad_rows`) or "concat"
+  (`_kernel_grad_concat`).
   """
-  if strides == (1, 1) and kernel_hw[1] > 1:
+  if form == "concat":
+    return _kernel_grad_concat(x, grad, kernel_hw, strides, padding)
+  if form == "rows" and form_applies("dw", form, kernel_hw, strides, padding):
     return _kernel_grad_rows(x, grad, kernel_hw, padding)
+  if form != "taps":
+    raise ValueError(f"Unknown or inapplicable kernel gradient form {form!r} for kernel {kernel_hw} at "
+                     f"strides {strides}. Valid: taps, concat, rows (stride 1, k_w > 1).")
   batch, oh, ow, out_channels = grad.shape
   g = grad.reshape(batch * oh * ow, out_channels)
   views = shifted_inputs(x, kernel_hw, strides, padding, (oh, ow))
   taps = [_contract_rows(v.reshape(batch * oh * ow, -1), g) for v in views]
   return jnp.stack(taps).reshape(*kernel_hw, x.shape[-1], out_channels)
+
+
+def concat_chunk(batch: int, bytes_per_image: int, max_bytes: int | None = None) -> int:
+  """Images per chunk of the "concat" kernel gradient: the largest divisor of `batch` whose
+  `bytes_per_image` x chunk is at most `max_bytes` (CONCAT_CHUNK_BYTES), and 1 at least."""
+  max_bytes = CONCAT_CHUNK_BYTES if max_bytes is None else max_bytes
+  return max([d for d in range(1, batch + 1) if batch % d == 0 and d * bytes_per_image <= max_bytes],
+             default=1)
+
+
+def _kernel_grad_concat(x, grad, kernel_hw, strides, padding):
+  """The kernel gradient as one contraction: the k*k shifted views concatenated along channels,
+  (B OH OW) x (k_h k_w C_in), contracted with the (B OH OW) x C_out gradient, reshaped to (k_h, k_w, C_in,
+  C_out). The concatenation is a copy of k_h k_w C_in values per output position; over chunks of
+  `concat_chunk` images (a `lax.scan`, the chunks' products summed), it stays within CONCAT_CHUNK_BYTES
+  (or one image's copy, if larger). A stride-1 1x1 convolution needs no copy and is not chunked."""
+  batch, oh, ow, out_channels = grad.shape
+  kh, kw = kernel_hw
+
+  def contract(x_, g_):
+    views = shifted_inputs(x_, kernel_hw, strides, padding, (oh, ow))
+    a = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    n = x_.shape[0] * oh * ow
+    return _contract_rows(a.reshape(n, -1), g_.reshape(n, out_channels))
+
+  copies = not (kh * kw == 1 and tuple(strides) == (1, 1))
+  chunk = concat_chunk(batch, oh * ow * kh * kw * x.shape[-1] * x.dtype.itemsize) if copies else batch
+  if chunk == batch:
+    out = contract(x, grad)
+  else:
+    split = lambda a: a.reshape(batch // chunk, chunk, *a.shape[1:])
+    init = jnp.zeros((kh * kw * x.shape[-1], out_channels), _accumulation_dtype(x.dtype))
+    out, _ = lax.scan(lambda acc, xg: (acc + contract(*xg), None), init, (split(x), split(grad)))
+  return out.reshape(kh, kw, x.shape[-1], out_channels)
 
 
 def _kernel_grad_rows(x, grad, kernel_hw, padding):
@@ -243,6 +419,24 @@ def _kernel_grad_rows(x, grad, kernel_hw, padding):
 def _contract_rows(a, b):
   """a^T @ b for (N, M) and (N, K): the sum over the N positions, accumulated in float32 for bfloat16."""
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_accumulation_dtype(a.dtype))
+
+
+def input_grad(grad, kernel, x_hw, strides, padding, form: str = "flip"):
+  """d loss / d input of a `groups == 1` convolution, (B, H, W, C_in), for output gradient `grad`.
+
+  "flip" (stride 1, padding <= k - 1 per side): the forward convolution of `grad`, padded by k - 1 - p
+  per side, with the kernel flipped in both spatial axes and its channel axes swapped;
+  dx[b, h, w, c] = sum_{i, j, o} grad_pad[b, h + i, w + j, o] kernel[k_h - 1 - i, k_w - 1 - j, c, o].
+  """
+  kh, kw = kernel.shape[:2]
+  if form != "flip" or not form_applies("dx", form, kernel.shape, strides, padding):
+    raise ValueError(f"Unknown or inapplicable input gradient form {form!r} for kernel {kernel.shape} at "
+                     f"strides {strides}, padding {padding}. Valid: flip (stride 1, padding <= k - 1).")
+  (pt, pb), (pl, pr) = padding
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = xla_conv(grad, flipped, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), 1)
+  assert dx.shape[1:3] == tuple(x_hw), (dx.shape, x_hw)
+  return dx
 
 
 def _output_hw(x, kernel_hw, strides, padding):

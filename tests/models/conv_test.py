@@ -1,6 +1,9 @@
 """Tests for nst_jax.models.conv: every convolution configuration of the zoo, value and both gradients,
 against `jax.vjp` of `lax.conv_general_dilated` (the independent reference), under jit, vmap, jit over a
-sharded batch and pmap; the implementation switch; the platform choice; whole models and layers.Conv.
+sharded batch and pmap; every gradient formulation of `groups == 1` convolutions on its own (strides,
+asymmetric paddings) and through `conv2d` under each table choice; the choice itself (table lookup,
+nearest batch, fallbacks, unreadable tables); the batch chunking of the "concat" form; the implementation
+switch; the platform choice; whole models and layers.Conv.
 
 Errors are relative to the largest entry of the reference: max |ours - ref| / max |ref|. Float32:
 1e-5. Bfloat16 (inputs, kernel and output cotangent rounded to bfloat16, results in bfloat16): 2e-2
@@ -10,6 +13,7 @@ implementations sum in different orders.
 """
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -31,7 +35,7 @@ F32_TOL, BF16_TOL, BF16_VS_F32_TOL = 1e-5, 2e-2, 1e-2
 CONFIGS = [
     ("stem_3x3", (4, 8, 8, 3), (3, 3, 3, 8), 1, 1, 1),
     ("3x3_s1", (4, 8, 8, 8), (3, 3, 8, 16), 1, 1, 1),
-    ("3x3_s1_wide", (2, 5, 5, 128), (3, 3, 128, 128), 1, 1, 1),  # >= 128 channels: `_kernel_grad_rows`.
+    ("3x3_s1_wide", (2, 5, 5, 128), (3, 3, 128, 128), 1, 1, 1),
     ("3x3_s2", (4, 9, 9, 8), (3, 3, 8, 16), 2, 1, 1),
     ("1x1_s1", (4, 8, 8, 8), (1, 1, 8, 16), 1, 0, 1),
     ("1x1_s2", (4, 8, 8, 8), (1, 1, 8, 16), 2, 0, 1),
@@ -134,15 +138,181 @@ def test_vmap_over_inputs_and_kernels(name, x_shape, k_shape, stride, pad, group
       assert rel_err(a, b) < F32_TOL, (name, i, what, rel_err(a, b))
 
 
-@pytest.mark.parametrize(PARAMS, configs(*[c[0] for c in CONFIGS if c[5] == 1]))
-def test_kernel_grad_formulations_at_every_width(name, x_shape, k_shape, stride, pad, groups):
-  # `conv.kernel_grad` itself, also where `conv2d` leaves narrow stride-1 convolutions to XLA.
+# (name, input NHWC, kernel HWIO, strides, explicit padding): groups == 1 configurations for the gradient
+# formulations on their own, with asymmetric paddings ("SAME" at stride 2 pads (0, 1)), a padding wider
+# than the kernel reaches, and a batch of 5 (odd, prime) for the chunked "concat" form.
+FORM_CONFIGS = [
+    ("3x3_s1", (4, 8, 8, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1))),
+    ("3x3_s2_same", (3, 9, 8, 8), (3, 3, 8, 16), (2, 2), ((1, 1), (0, 1))),
+    ("5x5_s1_asym", (5, 7, 9, 4), (5, 5, 4, 6), (1, 1), ((2, 1), (0, 3))),
+    ("3x2_s1x2", (2, 8, 9, 5), (3, 2, 5, 7), (1, 2), ((1, 0), (1, 1))),
+    ("1x1_s1", (4, 8, 8, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0))),
+    ("1x1_s2_pad1", (4, 8, 8, 8), (1, 1, 8, 16), (2, 2), ((1, 1), (1, 1))),
+    ("7x7_s2", (2, 15, 15, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3))),
+]
+FORM_IDS = [c[0] for c in FORM_CONFIGS]
+
+
+def _xla_grads(x, kernel, strides, padding, grad):
+  _, vjp = jax.vjp(lambda x_, k_: conv.xla_conv(x_, k_, strides, padding, 1), x, kernel)
+  return vjp(grad)
+
+
+def _form_arrays(x_shape, k_shape, strides, padding):
   x, kernel = arrays(x_shape, k_shape)
-  grad = cotangent(x, kernel, stride, pad, groups)
-  dk = jax.jit(conv.kernel_grad, static_argnums=(2, 3, 4))(x, grad, k_shape[:2], (stride, stride),
-                                                           ((pad, pad), (pad, pad)))
-  _, (_, ref_dk) = reference(x, kernel, stride, pad, groups, grad)
-  assert rel_err(dk, ref_dk) < F32_TOL, (name, rel_err(dk, ref_dk))
+  out = jax.eval_shape(lambda a, b: conv.xla_conv(a, b, strides, padding, 1), x, kernel)
+  return x, kernel, jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
+
+
+@pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", FORM_CONFIGS, ids=FORM_IDS)
+def test_every_applicable_gradient_form_matches_xla(name, x_shape, k_shape, strides, padding, monkeypatch):
+  # A 2 KiB bound on the "concat" copy, so that it runs over chunks of the batch in every configuration
+  # here but the copy-free 1x1 stride-1 one.
+  monkeypatch.setattr(conv, "CONCAT_CHUNK_BYTES", 2048)
+  x, kernel, grad = _form_arrays(x_shape, k_shape, strides, padding)
+  ref_dx, ref_dk = _xla_grads(x, kernel, strides, padding, grad)
+  tried = []
+  for form in conv.DW_FORMS[1:]:
+    if conv.form_applies("dw", form, k_shape, strides, padding):
+      dk = jax.jit(conv.kernel_grad, static_argnums=(2, 3, 4, 5))(x, grad, k_shape[:2], strides, padding,
+                                                                    form)
+      assert dk.shape == kernel.shape and rel_err(dk, ref_dk) < F32_TOL, (name, form, rel_err(dk, ref_dk))
+      tried.append(form)
+  for form in conv.DX_FORMS[1:]:
+    if conv.form_applies("dx", form, k_shape, strides, padding):
+      dx = jax.jit(conv.input_grad, static_argnums=(2, 3, 4, 5))(grad, kernel, x_shape[1:3], strides, padding,
+                                                                   form)
+      assert dx.shape == x.shape and rel_err(dx, ref_dx) < F32_TOL, (name, form, rel_err(dx, ref_dx))
+      tried.append(form)
+  # Which forms apply, by hand: "rows" at stride 1 with k_w > 1, "flip" at stride 1 with padding <= k - 1.
+  expected = {"3x3_s1": ["taps", "rows", "concat", "flip"], "5x5_s1_asym": ["taps", "rows", "concat", "flip"],
+              "1x1_s1": ["taps", "concat", "flip"]}.get(name, ["taps", "concat"])
+  assert tried == expected
+
+
+def test_inapplicable_forms_are_refused_with_the_valid_ones():
+  x, kernel, grad = _form_arrays((2, 8, 8, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="Valid: taps, concat, rows"):
+    conv.kernel_grad(x, grad, (3, 3), (2, 2), ((1, 1), (1, 1)), "rows")
+  with pytest.raises(ValueError, match="Valid: flip"):
+    conv.input_grad(grad, kernel, (8, 8), (2, 2), ((1, 1), (1, 1)), "flip")
+  with pytest.raises(ValueError, match="Valid: taps"):
+    conv.kernel_grad(x, grad, (3, 3), (2, 2), ((1, 1), (1, 1)), "im2col")
+
+
+def test_concat_chunk_is_the_largest_divisor_within_the_bound():
+  # 64 images of 1000 bytes under 4096: 4 (8 would be 8000); a prime batch has chunks of 1 or all of it.
+  assert conv.concat_chunk(64, 1000, 4096) == 4
+  assert conv.concat_chunk(64, 1000, 64_000) == 64
+  assert conv.concat_chunk(7, 1000, 6999) == 1 and conv.concat_chunk(7, 1000, 7000) == 7
+  assert conv.concat_chunk(6, 10**9, 4096) == 1  # One image at least, however large.
+  # The default bound: 64 images at 32x32 with 64 channels, 3x3: 2.25 MiB of copy per image -> 1 at 4 MiB.
+  assert conv.CONCAT_CHUNK_BYTES == 4 * 2**20
+  assert conv.concat_chunk(64, 32 * 32 * 9 * 64 * 4) == 1
+  assert conv.concat_chunk(64, 8 * 8 * 9 * 256 * 4) == 4  # 0.56 MiB per image.
+
+
+def test_concat_over_the_bound_runs_as_a_scan_over_batch_chunks(monkeypatch):
+  x, kernel, grad = _form_arrays((6, 8, 8, 4), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)))
+  # A fresh function per trace: JAX caches traces by function, and the bound is read when tracing.
+  fn = lambda: lambda x_, g_: conv.kernel_grad(x_, g_, (3, 3), (1, 1), ((1, 1), (1, 1)), "concat")
+  per_image = 8 * 8 * 9 * 4 * 4
+  monkeypatch.setattr(conv, "CONCAT_CHUNK_BYTES", 2 * per_image)  # Chunks of 2 images: 3 iterations.
+  jaxpr = jax.make_jaxpr(fn())(x, grad)
+  scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+  assert len(scans) == 1 and scans[0].params["length"] == 3
+  concat = [e for e in scans[0].params["jaxpr"].jaxpr.eqns if e.primitive.name == "concatenate"]
+  assert concat[0].outvars[0].aval.shape == (2, 8, 8, 36)  # The bounded copy: 2 images.
+  _, ref_dk = _xla_grads(x, kernel, (1, 1), ((1, 1), (1, 1)), grad)
+  assert rel_err(jax.jit(fn())(x, grad), ref_dk) < F32_TOL
+  monkeypatch.setattr(conv, "CONCAT_CHUNK_BYTES", 6 * per_image)  # The whole batch fits: no scan.
+  assert "scan" not in str(jax.make_jaxpr(fn())(x, grad))
+
+
+def _table(entries):
+  return {"machine": "test", "entries": {k: {"dx": dx, "dw": dw} for k, (dx, dw) in entries.items()}}
+
+
+KEY_ARGS = ((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), jnp.float32)
+
+
+def test_table_key_spells_out_the_configuration():
+  assert conv.table_key(*KEY_ARGS) == "float32 64x32x32x64 3x3x64x64 s1x1 p1,1,1,1"
+  assert conv.table_key((8, 9, 8, 3), (3, 3, 3, 16), (2, 2), ((1, 1), (0, 1)), jnp.bfloat16) == \
+      "bfloat16 8x9x8x3 3x3x3x16 s2x2 p1,1,0,1"
+
+
+def test_choose_reads_the_table_then_the_nearest_batch_then_the_default():
+  key = lambda batch, dtype="float32": conv.table_key((batch, *KEY_ARGS[0][1:]), *KEY_ARGS[1:4], dtype)
+  table = _table({key(64): ("flip", "rows"), key(16): ("xla", "taps"), key(64, "bfloat16"): ("xla", "xla")})
+  with conv.use_table(table):
+    choose = lambda batch, dtype=jnp.float32: conv.choose((batch, 32, 32, 64), *KEY_ARGS[1:4], dtype)
+    assert choose(64) == conv.Choice(dx="flip", dw="rows")
+    assert choose(16) == conv.Choice(dx="xla", dw="taps")
+    assert choose(40) == conv.Choice(dx="flip", dw="rows")  # 64/40 = 1.6 < 40/16 = 2.5.
+    assert choose(24) == conv.Choice(dx="xla", dw="taps")
+    assert choose(64, jnp.bfloat16) == conv.Choice("xla", "xla")
+    assert choose(8, jnp.float16) == conv.DEFAULT_CHOICE  # No float16 entries at any batch.
+    # Another spatial size, kernel, stride or padding is another configuration: the default.
+    assert conv.choose((64, 16, 16, 64), *KEY_ARGS[1:]) == conv.DEFAULT_CHOICE
+    assert conv.choose(KEY_ARGS[0], KEY_ARGS[1], (1, 1), ((0, 0), (0, 0)), jnp.float32) == conv.DEFAULT_CHOICE
+  # Forms a configuration cannot take become XLA's: "rows" and "flip" at stride 2 (this entry is
+  # hand-made: a measured table never holds them).
+  s2 = conv.table_key((4, 8, 8, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)), jnp.float32)
+  with conv.use_table(_table({s2: ("flip", "rows")})):
+    assert conv.choose((4, 8, 8, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)), jnp.float32) == conv.Choice(
+        "xla", "xla")
+
+
+def test_shipped_table_covers_the_cifar_resnets_and_names_its_machine():
+  table = json.loads(conv.TABLE_FILE.read_text())
+  assert table["machine"] and table["command"].startswith("python bench/conv.py")
+  loaded = conv.load_table(conv.TABLE_FILE)
+  assert set(loaded) == set(table["entries"])
+  assert all(c.dx in conv.DX_FORMS and c.dw in conv.DW_FORMS for c in loaded.values())
+  # resnet8x4's 32x32 stage: 3x3 64 -> 64 at batch 64.
+  assert conv.table_key(*KEY_ARGS) in loaded
+
+
+@pytest.mark.parametrize("content,problem", [
+    (None, "FileNotFoundError"),
+    ("{not json", "JSONDecodeError"),
+    ('{"entries": {"k": {"dx": "fft", "dw": "xla"}}}', "valid dx: xla, flip"),
+])
+def test_an_unusable_table_warns_once_and_falls_back_to_the_shipped_one(content, problem, tmp_path):
+  path = tmp_path / "table.json"
+  if content is not None:
+    path.write_text(content)
+  with pytest.warns(UserWarning, match=problem):
+    loaded = conv.load_table(path)
+  assert loaded == conv.load_table(conv.TABLE_FILE)
+
+
+def test_table_from_the_environment_variable(tmp_path, monkeypatch):
+  key = conv.table_key(*KEY_ARGS)
+  path = tmp_path / "machine.json"
+  path.write_text(json.dumps(_table({key: ("flip", "taps")})))
+  monkeypatch.setenv(conv.TABLE_ENV, str(path))
+  with conv.use_table(None):
+    assert conv.choose(*KEY_ARGS) == conv.Choice("flip", "taps")
+  monkeypatch.setenv(conv.TABLE_ENV, str(tmp_path / "missing.json"))
+  with conv.use_table(None), pytest.warns(UserWarning, match="missing.json"):
+    conv.choose(*KEY_ARGS)
+
+
+@pytest.mark.parametrize("dx,dw", [(dx, dw) for dx in conv.DX_FORMS for dw in conv.DW_FORMS])
+def test_conv2d_under_every_table_choice_matches_xla(dx, dw):
+  # Through the custom VJP: each (dx, dw) pair the table can name, on a stride-1 configuration where all
+  # apply, and on a stride-2 one, where "flip" and "rows" fall back to XLA's.
+  for name, x_shape, k_shape, stride, pad, groups in [c for c in CONFIGS if c[0] in ("3x3_s1", "3x3_s2")]:
+    x, kernel = arrays(x_shape, k_shape)
+    grad = cotangent(x, kernel, stride, pad, groups)
+    key = conv.table_key(x_shape, k_shape, (stride, stride), ((pad, pad), (pad, pad)), jnp.float32)
+    with conv.use_table(_table({key: (dx, dw)})):
+      out, (gx, gk) = ours(stride, pad, groups)(x, kernel, grad)
+    ref_out, (ref_dx, ref_dk) = reference(x, kernel, stride, pad, groups, grad)
+    for what, a, b in (("value", out, ref_out), ("dx", gx, ref_dx), ("dkernel", gk, ref_dk)):
+      assert rel_err(a, b) < F32_TOL, (name, dx, dw, what, rel_err(a, b))
 
 
 def _loss_grads(fn):
@@ -182,9 +352,11 @@ def test_pmap_with_summed_kernel_gradient(name, x_shape, k_shape, stride, pad, g
 
 
 def _kernel_grad_program(platform):
-  x, kernel = arrays((2, 4, 4, 128), (3, 3, 128, 128))  # Wide enough for the CPU formulation.
+  x, kernel = arrays((2, 4, 4, 128), (3, 3, 128, 128))
   fn = lambda x_, k_: jnp.sum(conv.conv2d(x_, k_, (1, 1), ((1, 1), (1, 1))) ** 2)
-  exported = jax.export.export(jax.jit(jax.grad(fn, argnums=1)), platforms=(platform,))(x, kernel)
+  key = conv.table_key(x.shape, kernel.shape, (1, 1), ((1, 1), (1, 1)), x.dtype)
+  with conv.use_table(_table({key: ("xla", "concat")})):
+    exported = jax.export.export(jax.jit(jax.grad(fn, argnums=1)), platforms=(platform,))(x, kernel)
   return exported.mlir_module()
 
 
