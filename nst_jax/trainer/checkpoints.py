@@ -9,9 +9,15 @@ Owns everything that touches checkpoint files:
 * Restoring onto a template: the template's structure, shapes and dtypes are compared with the
   checkpoint's stored tree metadata first, so a checkpoint that does not fit is a `ValueError` naming
   every mismatching entry; then the arrays come back with the template's shardings and dtypes.
+* Damaged checkpoints (`restore_newest_readable`): a checkpoint that fails to read (a truncated data
+  file, a missing metadata file, ...) is moved aside to `<step>.damaged` (never deleted, so it can be
+  inspected) and the next older one is tried; when none is left that reads, `DamagedCheckpoints` says so
+  (a run never starts from scratch beside checkpoints it could not read). A checkpoint that reads but
+  does not fit the template (`CheckpointMismatch`, a config change) is not damage: it is moved nowhere.
 * `load_variables`: only `params` and `batch_stats` of the latest checkpoint of a run (a teacher for a
   student, a finished run for evaluation). The teacher is never part of the student's `state`; it is
-  read from its own workdir.
+  read from its own workdir. A teacher checkpoint that fails to read is a `CheckpointReadError` naming
+  the run (never a silent fallback to an older or no teacher).
 * A SIGTERM handler that sets a flag the training loop polls (`preemption_requested()`).
 
 Atomicity: on a local or POSIX filesystem Orbax writes step N to `N.orbax-checkpoint-tmp` and renames it to
@@ -36,6 +42,7 @@ the key with `jax.random.wrap_key_data` after restoring.
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -52,7 +59,28 @@ from orbax.checkpoint import checkpoint_managers
 PyTree = Any
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_SUFFIX = ".damaged"  # `<step>.damaged`: a checkpoint that failed to read, moved aside.
 _MAX_LISTED = 40  # Mismatching entries named in the error.
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint that reads but does not fit the template (another model or optimizer)."""
+
+
+class CheckpointReadError(Exception):
+  """A checkpoint that exists but cannot be read; the message is one line naming it and what to do."""
+
+
+class DamagedCheckpoints(CheckpointReadError):
+  """Every checkpoint of a run failed to read and was moved aside: nothing is left to resume from."""
+
+
+def last_line(error: BaseException) -> str:
+  """`error`'s type and the last non-empty line of its message (TensorStore's errors run to pages)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  line = re.sub(r"\s*\[tensorstore_spec=.*$", "", lines[-1]) if lines else ""  # a page of JSON
+  line = line if len(line) <= 400 else line[:400] + " ..."
+  return f"{type(error).__name__}: {line}".rstrip(": ")
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -180,6 +208,55 @@ class Checkpointer:
         state=ocp.args.StandardRestore(template_state), metadata=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["metadata"] or {})
 
+  def damaged(self) -> list[str]:
+    """Names of the checkpoints moved aside as damaged (`<step>.damaged`, ...), oldest step first."""
+    if not self.directory.is_dir():
+      return []
+    names = [p.name for p in self.directory.iterdir() if DAMAGED_SUFFIX in p.name]
+    return sorted(names, key=lambda n: (int(n.split(".")[0]) if n.split(".")[0].isdigit() else -1, n))
+
+  def restore_newest_readable(self, template_state: PyTree, on_damaged: Callable[[int, str, str], None]
+                              ) -> tuple[PyTree, dict[str, Any], int] | None:
+    """`(state, metadata, step)` of the newest checkpoint that reads, None when there is none at all.
+
+    Each newer checkpoint that fails to read is moved aside to `<step>.damaged` (see `move_aside`) and
+    reported as `on_damaged(step, new path, last line of the error)` first. Raises `DamagedCheckpoints`
+    when checkpoints exist or existed (moved aside now or by an earlier run) but none reads, and
+    `CheckpointMismatch` (untouched) when one reads but does not fit `template_state`.
+    """
+    self._manager.wait_until_finished()
+    while (step := self.latest_step()) is not None:
+      try:
+        state, metadata = self.restore(template_state, step)
+        return state, metadata, step
+      except CheckpointMismatch:
+        raise
+      except Exception as error:  # noqa: BLE001 -- any failure to read a checkpoint is damage to it.
+        on_damaged(step, str(self.move_aside(step)), last_line(error))
+    if damaged := self.damaged():
+      raise DamagedCheckpoints(
+          f"No checkpoint in {self.directory} can be read (moved aside: {', '.join(damaged)}); the run "
+          "stops rather than train again from scratch beside them: delete them (or the workdir) to start "
+          "over.")
+    return None
+
+  def move_aside(self, step: int) -> epath.Path:
+    """Renames checkpoint `step` to `<step>.damaged` (`<step>.damaged.1`, ... when that exists) and
+    returns the new path; Orbax lists it no more. In a multi-process run process 0 renames it and the
+    others wait for it."""
+    source = self.directory / str(int(step))
+    target = self.directory / f"{int(step)}{DAMAGED_SUFFIX}"
+    n = 0
+    while target.exists():
+      n += 1
+      target = self.directory / f"{int(step)}{DAMAGED_SUFFIX}.{n}"
+    if jax.process_index() == 0:
+      source.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"nst_jax: checkpoint {step} moved aside")
+    self._manager.reload()  # Its list of steps is cached.
+    return target
+
   def reached_preemption(self, step: int) -> bool:
     """Whether the run must save `step` and stop, as found by `should_save(step)` (call that first):
     the signal flag in a single-process run; in a multi-process run JAX's preemption sync point, the
@@ -229,18 +306,27 @@ def load_variables(workdir: str | os.PathLike, template_variables: PyTree, *,
     step = manager.latest_step()
     if step is None:
       raise missing
-    stored = manager.metadata(step).item_metadata["state"].tree
-    # Compare only the collections the teacher needs, so optimizer state and step are not "unexpected".
-    wanted = {k: v for k, v in stored.items() if k in template_variables}
-    check_fits(template_variables, wanted, f"{role} checkpoint {directory / str(step)}")
-    restore_args = ocp.checkpoint_utils.construct_restore_args(template_variables)  # Its shardings.
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=template_variables, restore_args=restore_args, partial_restore=True)))
+    try:
+      stored = manager.metadata(step).item_metadata["state"].tree
+      # Compare only the collections the teacher needs, so optimizer state and step are not "unexpected".
+      wanted = {k: v for k, v in stored.items() if k in template_variables}
+      check_fits(template_variables, wanted, f"{role} checkpoint {directory / str(step)}")
+      restore_args = ocp.checkpoint_utils.construct_restore_args(template_variables)  # Its shardings.
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=template_variables, restore_args=restore_args, partial_restore=True)))
+    except CheckpointMismatch:
+      raise
+    except Exception as error:  # noqa: BLE001 -- a checkpoint that does not read, whatever the layer says.
+      raise CheckpointReadError(
+          f"The {role} checkpoint {directory / str(step)} cannot be read ({last_line(error)}): the {role} "
+          f"run in {workdir} is damaged; train it again there (move its {CHECKPOINT_DIR} folder aside "
+          f"first) or point to another finished {role} run.") from error
   return restored["state"]
 
 
 def check_fits(template: PyTree, stored_tree: PyTree, where: str) -> None:
-  """Raises ValueError if `stored_tree` (Orbax tree metadata) does not fit `template`, naming every entry.
+  """Raises CheckpointMismatch (a ValueError) if `stored_tree` (Orbax tree metadata) does not fit
+  `template`, naming every entry.
 
   Entries are compared by their '/'-joined key paths (dict keys, attribute names, sequence indices), the
   same names Orbax stores, so a flax struct or optax NamedTuple template matches its saved form.
@@ -260,7 +346,7 @@ def check_fits(template: PyTree, stored_tree: PyTree, where: str) -> None:
     problems.sort()
     if len(problems) > _MAX_LISTED:  # A different architecture would list every parameter.
       problems[_MAX_LISTED:] = [f"  ... and {len(problems) - _MAX_LISTED} more"]
-    raise ValueError(f"The {where} does not fit the configured model/state; mismatching entries:\n"
+    raise CheckpointMismatch(f"The {where} does not fit the configured model/state; mismatching entries:\n"
                      + "\n".join(problems))
 
 

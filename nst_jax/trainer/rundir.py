@@ -5,6 +5,7 @@
     <workdir>/results.json   accuracies and history; `"finished": true` marks a finished run   `RESULTS`
     <workdir>/checkpoints/   Orbax checkpoints (`trainer.checkpoints`)
     <workdir>/log.txt, tensorboard/, eval_<name>.json, curves.png
+    <workdir>/.lock          held by the one process that runs in the workdir (`lock`)   `LOCK`
 
 Every file here is written atomically (`write_json`, `write_text`, `write_bytes`: a temporary file,
 then a rename), so a reader, a crash or a kill never leaves half a file. `is_finished`,
@@ -16,17 +17,31 @@ command line, the Python and package versions, the JAX backend, device kind and 
 count, the environment variables that change numerics or device placement, and the seed. The training
 loop adds the start, end and wall time of the run and of each of its stages.
 
+One run per workdir: `lock(workdir)` takes an exclusive `fcntl.flock` on `<workdir>/.lock` (the pid and
+host of the holder written inside) before a run writes anything there; a second command on the same
+workdir gets `WorkdirBusy` naming them. The operating system releases the lock when the holding process
+ends in any way (SIGKILL included), so a killed run never leaves a stale lock; the file itself stays and
+means nothing without a holder. The sweep checks its runs' workdirs and its root with the same lock.
+
+File-system failures (`os_error_line`): an `OSError` met while a run reads or writes its folders becomes
+one line naming the path that failed, what that path is to the run (its workdir, the teacher's workdir,
+the data cache, ...) and what to do.
+
 Nothing here may stop a run: a missing git, a package that is not installed or a checkout that is not a
 git repository give None for that entry, never an exception.
 """
 
+import errno
+import fcntl
 import importlib.metadata
 import json
 import os
 import pathlib
 import platform
+import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import jax
 
@@ -39,6 +54,7 @@ ENVIRONMENT = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "JAX_DEFAULT_MATM
                "CUDA_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 CONFIG, RUN, RESULTS = "config.json", "run.json", "results.json"
+LOCK = ".lock"  # hidden: readers of results.json and exports never meet it
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]  # the nst_jax package
 
@@ -99,16 +115,39 @@ def describe(config) -> dict:
       "process_count": jax.process_count(),
       "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
       "seed": int(config.seed),
+      **_imported_models(config),
   }
 
 
+def _imported_models(config) -> dict:
+  """{"models": {role: {"name", "module", "file", "sha256"}}} for a student or teacher that is not a zoo
+  model (an import path or a registered name: `models.source_record`), {} when both are zoo models."""
+  from nst_jax import models  # Here: the run directory's other readers need no models.
+
+  records = {}
+  for role in ("student", "teacher"):
+    try:
+      record = models.source_record(config[role].model)
+    except (ValueError, ImportError, OSError) as error:  # Nothing here may stop a run.
+      record = {"name": config[role].model, "error": str(error)}
+    if record is not None:
+      records[role] = record
+  return {"models": records} if records else {}
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` via a temporary file and a rename: readers never see half a file."""
+  """Writes `data` to `path` via a temporary file and a rename: readers never see half a file. An
+  OSError without a file name (a full disk fails the write, not the open) gets `path` as its name."""
   path = os.fspath(path)
   tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except OSError as error:
+    if error.filename is None and error.errno is not None:
+      raise OSError(error.errno, error.strerror or os.strerror(error.errno), path) from error
+    raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -145,3 +184,149 @@ def is_finished(workdir: str | os.PathLike) -> bool:
 def read_config(workdir: str | os.PathLike) -> dict:
   """The run's config.json as a dict ({} where it is missing or unreadable)."""
   return read_json(os.path.join(workdir, CONFIG)) or {}
+
+
+# One run per workdir.
+
+
+class RunDirError(Exception):
+  """A run directory the run cannot use: one line naming the path and what to do."""
+
+
+class WorkdirBusy(RunDirError):
+  """Another process holds the workdir's lock."""
+
+
+class RunLock:
+  """The held lock of one workdir (`lock`); `release()` (or leaving the `with` block) lets it go."""
+
+  def __init__(self, workdir: str, fd: int | None):
+    self.workdir, self._fd = workdir, fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Closing the descriptor drops the flock.
+      self._fd = None
+
+  def __enter__(self) -> "RunLock":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+
+def _holder_text(path: str) -> str:
+  try:
+    with open(path) as f:
+      holder = json.load(f)
+    return f"pid {holder['pid']} on host {holder['host']}"
+  except (OSError, ValueError, KeyError, TypeError):
+    return "a process that has not yet written its pid"  # It took the lock a moment ago.
+
+
+def lock(workdir: str | os.PathLike, *, what: str = "run") -> RunLock:
+  """Takes the exclusive lock of `workdir` (created if missing) for this process, or raises
+  `WorkdirBusy` naming the holder's pid and host; `what` names the holder's kind in that line ("run",
+  "sweep"). The lock lasts until `release()` or until this process ends."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise WorkdirBusy(f"{workdir} is in use by another {what} ({_holder_text(path)}); wait for it to end "
+                      "or stop it, or give another --workdir.") from None
+  except BaseException:
+    os.close(fd)
+    raise
+  os.ftruncate(fd, 0)
+  os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+  return RunLock(workdir, fd)
+
+
+def is_locked(workdir: str | os.PathLike) -> str | None:
+  """Who holds `workdir`'s lock ("pid N on host H"), or None when nobody does (or there is no workdir).
+  Creates nothing."""
+  path = os.path.join(os.fspath(workdir), LOCK)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return _holder_text(path)
+  finally:
+    os.close(fd)
+  return None
+
+
+# File-system failures as one line.
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space there (old workdirs, caches) or use a folder on another "
+                  "disk; a run resumes from its last checkpoint",
+    errno.EDQUOT: "the disk quota is used up: free space there or use a folder on another disk; a run "
+                  "resumes from its last checkpoint",
+    errno.EACCES: "no permission to write there: use a folder you can write, or change its permissions",
+    errno.EPERM: "not permitted there: use a folder you can write, or change its permissions",
+    errno.EROFS: "the file system is read-only: use a folder on a writable disk",
+    errno.ENOTDIR: "a file stands where a folder is needed: move the file or choose another path",
+    errno.EEXIST: "something else already exists there: move it or choose another path",
+    errno.EISDIR: "a folder stands where a file is needed: move it or choose another path",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter one",
+    errno.ENOENT: "a folder on the way does not exist",
+}
+FILE_SYSTEM_ERRNOS = frozenset(_ADVICE)
+
+
+def find_os_error(error: BaseException | None) -> OSError | None:
+  """The first file-system OSError (an errno of `FILE_SYSTEM_ERRNOS`) in `error`'s chain of causes:
+  Orbax and TensorStore re-raise a failed write as their own exception types."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in FILE_SYSTEM_ERRNOS:
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _within(path: str, place: str) -> bool:
+  """Whether `path` is `place`, inside it, or one of its parent folders (creating `place` failed there)."""
+  path, place = os.path.abspath(path), os.path.abspath(place)
+  return path == place or path.startswith(place.rstrip("/") + "/") or place.startswith(path.rstrip("/") + "/")
+
+
+def os_error_line(error: OSError, places: Mapping[str, str], fallback: str | None = None) -> str:
+  """One line for a file-system `error`: the path that failed, which of `places` ({description: path},
+  e.g. {"the workdir (--workdir)": "/x/run"}) it belongs to, the system's words and what to do.
+  `fallback` is the path named when the error carries none (a write that failed on a full disk)."""
+  path = os.fspath(error.filename) if error.filename is not None else fallback
+  matches = [(len(p), name) for name, p in places.items() if p and path and _within(path, p)]
+  role = f" ({max(matches)[1]})" if matches else ""
+  reason = error.strerror or os.strerror(error.errno)
+  where = f"{path}{role}" if path else "a file"
+  return f"cannot use {where}: {reason} [{errno.errorcode.get(error.errno, error.errno)}]; " \
+         f"{_ADVICE.get(error.errno, 'check the path')}."
+
+
+def check_writable(path: str | os.PathLike, description: str) -> None:
+  """Raises RunDirError (one line) when `path` cannot become a writable folder: an existing ancestor is
+  a file or not writable by this process. Creates nothing."""
+  path = os.path.abspath(os.fspath(path))
+  probe = path
+  while not os.path.lexists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    code = errno.ENOTDIR
+  elif not os.access(probe, os.W_OK | os.X_OK):
+    code = errno.EACCES
+  else:
+    return
+  raise RunDirError(os_error_line(OSError(code, os.strerror(code), probe), {description: path}))

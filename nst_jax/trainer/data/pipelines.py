@@ -2,8 +2,9 @@
 
 Routing (`config.data.pipeline`): `device` holds the dataset in memory and batches it on the devices
 (`device_pipeline`, no TensorFlow); `tfds` streams it through tf.data (`tfds_pipeline`); `auto` streams
-`imagenet2012` and holds the others in memory. `check_config` validates `data.pipeline`, `data.name`
-and `data.augment` before anything is loaded, each with a one-line error that lists the valid values.
+`imagenet2012` and holds the others in memory. `check_config` validates `data.pipeline`, `data.name`,
+`data.augment` and an image folder's path before anything is loaded, each with a one-line error that
+lists the valid values and the nearest ones to a misspelt value.
 
 In memory: the splits come from `sources.load` and are resized once on the host to `data.image_size`
 square (bilinear, `resize_images`) when their size differs. Normalisation (`normalisation`):
@@ -19,6 +20,8 @@ resolves them.
 """
 
 import dataclasses
+import difflib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +64,10 @@ class Data:
 
 def _check_choice(value, valid, key: str, note: str = ""):
   if value not in valid:
-    raise ValueError(f"{key}: unknown value {value!r}. Valid values: {', '.join(map(str, valid))}{note}.")
+    close = difflib.get_close_matches(str(value), list(map(str, valid)), n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ValueError(f"{key}: unknown value {value!r}. Valid values: {', '.join(map(str, valid))}{note}."
+                     + hint)
 
 
 def check_config(data: ml_collections.ConfigDict) -> str:
@@ -87,6 +93,9 @@ def check_config(data: ml_collections.ConfigDict) -> str:
                 f" (for the {'tf.data' if kind == 'tfds' else 'in-memory'} pipeline)")
   if data.name == "image_folder" and not data.path:
     raise ValueError("config.data.path must name the class-folder tree for config.data.name='image_folder'.")
+  if data.name == "image_folder" and "://" not in data.path and not os.path.isdir(data.path):
+    raise ValueError(f"config.data.path: {data.path!r} is not a folder (config.data.name='image_folder' "
+                     "reads one sub-folder of images per class).")
   if len(data.mean) != len(data.std):
     raise ValueError(f"config.data.mean and config.data.std must have the same length (one value per "
                      f"channel), got {len(data.mean)} and {len(data.std)}.")
