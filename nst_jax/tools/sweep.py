@@ -1,7 +1,7 @@
 r"""The experiment runner: every (method, seed) of a config as its own run, then the tables and curves.
 
     python -m nst_jax.tools.sweep --config configs/X.py --methods m1,m2 --seeds 0,1,2 --root workdirs/X \
-      [--jobs N] [--config.KEY=VALUE ...]
+      [--jobs N] [--teacher_workdir DIR] [--config.KEY=VALUE ...]
     python -m nst_jax.tools.sweep --report --root workdirs/X [--export results/X]
 
 Runs. Method m with seed k runs in `<root>/<m>/seed<k>` as the command
@@ -10,13 +10,21 @@ Runs. Method m with seed k runs in `<root>/<m>/seed<k>` as the command
 seed (every method with seed 0, then seed 1, ...), so a sweep stopped early still compares every method.
 All runs that distil share one teacher run, `<root>/teacher` (`--config.teacher.workdir`): the first of
 them trains it as its own stage, and while it does no other distillation run starts, so the teacher is
-trained once even with `--jobs N`. A finished run (its `results.json` says `"finished": true`) is
-skipped; any other is started with the same command, which resumes it from its last checkpoint. So after
-a crash, a preemption or Ctrl-C, the same sweep command carries on where it stopped. A run that fails
-stops the sweep (the runs already going finish first) with the run's log named. Each run holds a lock
-on `<workdir>/.sweep.lock` while it lives, so a run left going by a killed sweep makes a new sweep refuse
-to start rather than train a second process in that workdir. With `--jobs N > 1` each run's console
-goes to `<workdir>/console.txt` and XLA_PYTHON_CLIENT_PREALLOCATE=false lets the runs share a device.
+trained once even with `--jobs N`. `--teacher_workdir DIR` uses a finished teacher run that exists
+elsewhere instead (it must have finished and train the configs' teacher model; it is only read). A
+finished run (its `results.json` says `"finished": true`) is skipped; any other is started with the same
+command, which resumes it from its last checkpoint. So after a crash, a preemption or Ctrl-C, the same
+sweep command carries on where it stopped. A run that fails stops the sweep (the runs already going
+finish first) with the run's log named. One mechanism keeps two processes out of one folder: the run
+lock of `trainer.rundir` (`<workdir>/.lock`), which every run takes itself and the sweep takes on its
+root, so a second sweep of the root, or a run still going from a killed sweep, makes a new sweep refuse
+to start (one line naming the holder's pid and host). With `--jobs N > 1` each run's console goes to
+`<workdir>/console.txt` and XLA_PYTHON_CLIENT_PREALLOCATE=false lets the runs share a device.
+
+ETA: the mean wall time of the finished runs' own stages times the runs left, plus the teacher stage
+while the shared teacher has not finished: its steps left over its measured step rate (from its
+log.txt once it trains), or before that the teacher config's epochs times the steps per epoch at the
+step rate measured by a finished run (a different model: an estimate, said so).
 
 Protocol of the tables (`<root>/results.csv` and `<root>/results.md`, one row per method, and one for
 the teacher's own run): top-1 / top-5 accuracy (%) on the config's evaluation split; "last" is the
@@ -43,12 +51,12 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import io
 import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +75,6 @@ COLUMNS = ("method", "n", "last_top1_mean", "last_top1_std", "best_top1_mean", "
            "last_top5_mean", "last_top5_std", "best_top5_mean", "best_top5_std", "teacher_top1", "reference",
            "source", "n_planned", "seeds")
 METRICS = ("last_top1", "best_top1", "last_top5", "best_top5")
-_LOCK = ".sweep.lock"
 
 
 class SweepError(ValueError):
@@ -157,7 +164,7 @@ def check_overrides(overrides: list[str], config) -> None:
     raise SweepError("--config.seed is what --seeds sets for each run; give the seeds with --seeds.")
   if "teacher.workdir" in texts:
     raise SweepError("--config.teacher.workdir is set by the sweep: its runs share <root>/teacher. To "
-                     "reuse a trained teacher, copy (or link) its run folder to <root>/teacher.")
+                     "use a finished teacher run from elsewhere, give --teacher_workdir DIR.")
   try:
     config_lib.apply_text_overrides(config, texts)
   except config_lib.ConfigError as error:
@@ -172,7 +179,22 @@ def run_dir(root: str, method: str, seed: int) -> str:
 
 
 def teacher_dir(spec: dict) -> str:
-  return os.path.join(spec["root"], TEACHER)
+  """The shared teacher run: `--teacher_workdir` where given, else `<root>/teacher`."""
+  return spec.get("teacher_workdir") or os.path.join(spec["root"], TEACHER)
+
+
+def check_teacher_workdir(path: str, module, methods: list[str]) -> str:
+  """`--teacher_workdir` made absolute, after checking that it is a finished run of the configs' teacher."""
+  path = os.path.abspath(path)
+  if read_results(path) is None:
+    raise SweepError(f"--teacher_workdir {path} is not a finished run (no {rundir.RESULTS} marked finished); "
+                     "give the workdir of a teacher run that finished, or leave the flag out to train one.")
+  trained = ((rundir.read_config(path).get("student") or {}).get("model"))
+  wanted = {method_config(module, m).teacher.model for m in methods} - {""}
+  if trained is not None and wanted and trained not in wanted:
+    raise SweepError(f"--teacher_workdir {path} trained {trained!r}, but the config's teacher model is "
+                     f"{', '.join(sorted(wanted))}.")
+  return path
 
 
 def plan(spec: dict, module) -> list[Run]:
@@ -202,19 +224,27 @@ def _student_seconds(workdir: str) -> float | None:
     return None
 
 
-def _lock(path: str) -> int | None:
-  """An open file descriptor holding an exclusive lock on `path`, or None if another process holds it.
-
-  The lock lives as long as any process holds the descriptor: a run started with it keeps its workdir
-  locked after the sweep that started it was killed, so a rerun cannot start a second process there.
-  """
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _log_figures(workdir: str) -> dict:
+  """From a run's log.txt: its steps per epoch, and the last logged step, total and steps/s ({} if none)."""
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    os.close(fd)
-    return None
-  return fd
+    text = pathlib.Path(workdir, "log.txt").read_text()
+  except OSError:
+    return {}
+  found = {}
+  if per_epoch := re.findall(r"^data: .*?, (\d+) steps per epoch", text, re.M):
+    found["steps_per_epoch"] = int(per_epoch[-1])
+  if steps := re.findall(r"^step (\d+)/(\d+) \(([\d.]+) steps/s", text, re.M):
+    step, total, rate = steps[-1]
+    found.update(step=int(step), total=int(total), rate=float(rate))
+  return found
+
+
+def _busy(workdir: str) -> None:
+  """SweepError when a process (a run from an earlier sweep, say) holds `workdir`'s run lock."""
+  holder = rundir.is_locked(workdir)
+  if holder is not None:
+    raise SweepError(f"The run in {workdir} is still running ({holder}), started by an earlier sweep or by "
+                     "hand; wait for it to end or stop it, then rerun.")
 
 
 class _Runner:
@@ -225,15 +255,11 @@ class _Runner:
     self.runs = runs
     self.todo = [r for r in runs if read_results(r.workdir) is None]
     for run in self.todo:  # Before anything starts: a run left going by a killed sweep blocks the sweep.
-      lock = _lock(os.path.join(run.workdir, _LOCK)) if os.path.isdir(run.workdir) else -1
-      if lock is None:
-        raise SweepError(f"The run in {run.workdir} is still running, started by an earlier sweep; wait for "
-                         "it to end or stop it, then rerun.")
-      if lock >= 0:
-        os.close(lock)
+      _busy(run.workdir)
     done = [r for r in runs if r not in self.todo]
     self.seconds = [s for s in map(_student_seconds, (r.workdir for r in done)) if s is not None]
-    self.running: dict = {}  # Popen -> (run, start time, lock fd)
+    self.rates = [f for f in map(_log_figures, (r.workdir for r in done)) if "rate" in f]
+    self.running: dict = {}  # Popen -> (run, start time)
     self.stop_signal = None
     self.failed = None
     for r in done:
@@ -243,24 +269,45 @@ class _Runner:
     print(f"sweep: run {self.runs.index(run) + 1} of {len(self.runs)}, {run.method} seed {run.seed} "
           f"({run.workdir}): {what}", flush=True)
 
+  def _teacher_left(self) -> tuple[float | None, str]:
+    """Seconds the shared teacher stage still needs (0 when none is to train, None when not yet known)
+    and how they were found."""
+    waiting = [r for r in self.todo + [r for r, _ in self.running.values()] if r.distils]
+    if not waiting or read_results(teacher_dir(self.spec)) is not None:
+      return 0.0, ""
+    own = _log_figures(teacher_dir(self.spec))
+    if own.get("rate"):  # The teacher trains (or trained and stopped): its own measured rate.
+      return (own["total"] - own["step"]) / own["rate"], "its own step rate"
+    config = method_config(self.module, waiting[0].method)
+    measured = next((f for f in self.rates if "steps_per_epoch" in f), None)
+    if not config.teacher.config or measured is None:
+      return None, ""
+    try:
+      teacher = config_lib.load_config_file(config.teacher.config)
+    except config_lib.ConfigError:
+      return None, ""
+    steps = (teacher.schedule.epochs * measured["steps_per_epoch"] * config.schedule.batch_size
+             / teacher.schedule.batch_size)
+    return steps / measured["rate"], f"{teacher.schedule.epochs} epochs at a student's step rate"
+
   def _eta(self) -> str:
-    if not self.seconds:
-      return "ETA after the first finished run"
+    teacher, how = self._teacher_left()
+    if not self.seconds or teacher is None:
+      return "ETA after the first finished run" + (" and the teacher's first steps" * (teacher is None))
     left = len(self.todo) + len(self.running)
     mean = float(np.mean(self.seconds))
-    return f"ETA {math.ceil(left / self.jobs) * mean / 60:.1f} min (runs take {mean / 60:.1f} min)"
+    total = math.ceil(left / self.jobs) * mean + teacher
+    with_teacher = f", the teacher stage {teacher / 60:.1f} min more ({how})" if teacher else ""
+    return f"ETA {total / 60:.1f} min (runs take {mean / 60:.1f} min{with_teacher})"
 
   def _startable(self, run: Run) -> bool:
     if not run.distils or read_results(teacher_dir(self.spec)) is not None:
       return True
-    return not any(r.distils for r, _, _ in self.running.values())  # Only one run trains the teacher.
+    return not any(r.distils for r, _ in self.running.values())  # Only one run trains the teacher.
 
   def _start(self, run: Run):
+    _busy(run.workdir)  # The run takes the lock itself; a process that got there first makes it stop.
     os.makedirs(run.workdir, exist_ok=True)
-    lock = _lock(os.path.join(run.workdir, _LOCK))
-    if lock is None:
-      raise SweepError(f"The run in {run.workdir} is still running, started by an earlier sweep; wait for it "
-                       "to end or stop it, then rerun.")
     env = dict(os.environ)
     out = None
     if self.jobs > 1:
@@ -268,18 +315,19 @@ class _Runner:
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
       out = open(os.path.join(run.workdir, "console.txt"), "a")  # noqa: SIM115 -- closed with the run.
     proc = subprocess.Popen(run_command(self.spec, run, self.module), env=env, stdout=out,
-                            stderr=subprocess.STDOUT if out else None, pass_fds=(lock,))
+                            stderr=subprocess.STDOUT if out else None)
     if out:
       out.close()
-    self.running[proc] = (run, time.monotonic(), lock)
+    self.running[proc] = (run, time.monotonic())
     self._say(run, f"started; {self._eta()}")
 
   def _reap(self) -> None:
     for proc in [p for p in self.running if p.poll() is not None]:
-      run, started, lock = self.running.pop(proc)
-      os.close(lock)
+      run, started = self.running.pop(proc)
       if proc.returncode == 0 and read_results(run.workdir) is not None:
         self.seconds.append(_student_seconds(run.workdir) or time.monotonic() - started)
+        if "rate" in (figures := _log_figures(run.workdir)):
+          self.rates.append(figures)
         self._say(run, f"finished; {len(self.todo) + len(self.running)} left, {self._eta()}")
       elif self.stop_signal is None and self.failed is None:
         self.failed = (run, proc.returncode)
@@ -445,8 +493,8 @@ def export(root: str, dest: str) -> list[str]:
   """The report's files and every finished run's summaries, copied to `dest` (see `analysis.export`)."""
   spec = read_spec(root)
   runs = [os.path.relpath(run_dir(root, m, k), root) for m, found in collect(spec).items() for k in found]
-  if read_results(teacher_dir(spec)) is not None:
-    runs.append(TEACHER)
+  if not spec.get("teacher_workdir") and read_results(teacher_dir(spec)) is not None:
+    runs.append(TEACHER)  # A teacher run from elsewhere (--teacher_workdir) is not the root's to export.
   return analysis.export(root, dest, runs)
 
 
@@ -467,16 +515,24 @@ def read_spec(root: str) -> dict:
     return {**json.load(f), "root": root}
 
 
-def update_spec(root: str, config: str, methods: list[str], seeds: list[int], overrides: list[str]) -> dict:
-  """sweep.json with this command's methods and seeds added (a later command may add more). The config
-  and overrides must not change: the runs already there would mean something else than the new ones."""
+def update_spec(root: str, config: str, methods: list[str], seeds: list[int], overrides: list[str],
+                teacher_workdir: str | None = None) -> dict:
+  """sweep.json with this command's methods and seeds added (a later command may add more). The config,
+  overrides and teacher run must not change: the runs already there would mean something else than the
+  new ones."""
   spec = {"config": config, "methods": [], "seeds": [], "overrides": overrides}
+  if teacher_workdir:
+    spec["teacher_workdir"] = teacher_workdir
   if os.path.exists(os.path.join(root, SWEEP_FILE)):
     spec = read_spec(root)
     if spec["config"] != config or spec["overrides"] != overrides:
       raise SweepError(f"{root} holds a sweep of {spec['config']} with overrides {spec['overrides']}; this "
                        f"command gives {config} with {overrides}. Use another --root, or the same config and "
                        "overrides.")
+    if spec.get("teacher_workdir") != teacher_workdir:
+      raise SweepError(f"{root} holds a sweep whose teacher is {teacher_dir(spec)}; this command gives "
+                       f"{teacher_workdir or os.path.join(root, TEACHER)}. Use another --root, or the same "
+                       "--teacher_workdir.")
   spec["methods"] += [m for m in methods if m not in spec["methods"]]
   spec["seeds"] += [k for k in seeds if k not in spec["seeds"]]
   os.makedirs(root, exist_ok=True)
@@ -497,32 +553,39 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds (default 0,1,2)")
   parser.add_argument("--root", required=True, help="the sweep's folder, e.g. workdirs/digits_sweep")
   parser.add_argument("--jobs", type=int, default=1, help="runs at once (default 1)")
+  parser.add_argument("--teacher_workdir", metavar="DIR",
+                      help="a finished teacher run to distil from, instead of training <root>/teacher")
   parser.add_argument("--report", action="store_true", help="only rebuild tables and curves from the root")
   parser.add_argument("--export", metavar="DIR",
                       help="with --report: copy tables, curves and runs' summaries (no checkpoints) to DIR")
   return parser
 
 
-def sweep(config: str, methods: str | None, seeds: str, root: str, jobs: int, overrides: list[str]) -> int:
+def sweep(config: str, methods: str | None, seeds: str, root: str, jobs: int, overrides: list[str],
+          teacher_workdir: str | None = None) -> int:
   """Runs the sweep and writes its report; returns the exit status (0 when every run finished)."""
   if jobs < 1:
     raise SweepError(f"--jobs must be an integer >= 1, got {jobs}.")
   module = load_config_module(config)
   chosen, chosen_seeds = parse_methods(methods, config_methods(module)), parse_seeds(seeds)
   check_overrides(overrides, method_config(module, chosen[0]))
-  os.makedirs(root, exist_ok=True)
-  lock = _lock(os.path.join(root, _LOCK))
-  if lock is None:
-    raise SweepError(f"Another sweep of {root} is still running; wait for it to end or stop it.")
+  if teacher_workdir:
+    teacher_workdir = check_teacher_workdir(teacher_workdir, module, chosen)
   try:
-    spec = update_spec(root, config, chosen, chosen_seeds, overrides)
+    lock = rundir.lock(root, what="sweep")
+  except rundir.WorkdirBusy as error:
+    raise SweepError(str(error)) from None
+  except OSError as error:
+    raise SweepError(rundir.os_error_line(error, {"the sweep's root, --root": root})) from None
+  try:
+    spec = update_spec(root, config, chosen, chosen_seeds, overrides, teacher_workdir)
     runs = plan({**spec, "methods": chosen, "seeds": chosen_seeds}, module)
     runner = _Runner(spec, module, runs, jobs)
     started = time.monotonic()
     runner.execute()
     report(root)
   finally:
-    os.close(lock)
+    lock.release()
   print(f"sweep: {len(runs)} runs in {(time.monotonic() - started) / 60:.1f} min; wrote results.csv, "
         f"results.md and curves.png in {root}", flush=True)
   print(pathlib.Path(root, "results.md").read_text(), flush=True)
@@ -543,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
   args, extra = _parser().parse_known_args(argv)
   try:
     if args.report:
-      if extra or args.config or args.methods:
+      if extra or args.config or args.methods or args.teacher_workdir:
         raise SweepError("--report takes only --root: the config and methods are read from its sweep.json.")
       report(args.root)
       if args.export:
@@ -555,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
       raise SweepError("--export goes with --report (it copies a finished report).")
     if args.config is None:
       raise SweepError("--config is required (or --report to rebuild the tables of a root).")
-    return sweep(args.config, args.methods, args.seeds, args.root, args.jobs, extra)
+    return sweep(args.config, args.methods, args.seeds, args.root, args.jobs, extra, args.teacher_workdir)
   except SweepError as error:
     print(f"sweep: {error}", file=sys.stderr)
     return 2

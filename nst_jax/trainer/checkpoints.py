@@ -79,7 +79,7 @@ def last_line(error: BaseException) -> str:
   """`error`'s type and the last non-empty line of its message (TensorStore's errors run to pages)."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   line = re.sub(r"\s*\[tensorstore_spec=.*$", "", lines[-1]) if lines else ""  # a page of JSON
-  line = line if len(line) <= 400 else line[:400] + " ..."
+  line = line if len(line) <= 1000 else line[:1000] + " ..."
   return f"{type(error).__name__}: {line}".rstrip(": ")
 
 

@@ -1,9 +1,10 @@
 """Tests of nst_jax.trainer.checkpoints: exact round trips, save policy, shardings, mismatch errors, the
-teacher,
-a SIGKILL in the middle of saving, and the SIGTERM flag."""
+teacher, a SIGKILL in the middle of saving, the SIGTERM flag, and damaged checkpoints (truncated data,
+missing metadata) moved aside."""
 
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -289,3 +290,75 @@ def test_time_based_checkpoints_with_a_fake_clock(tmp_path):
   assert ckpt.all_steps() == [10, 20, 30]
   with checkpoints.Checkpointer(tmp_path / "other", save_every_steps=5, save_every_minutes=0) as no_clock:
     assert [s for s in range(1, 12) if no_clock.should_save(s)] == [5, 10]
+
+
+# Damaged checkpoints: moved aside, the newest one that reads restored.
+
+
+def _damage(step_dir: pathlib.Path, how: str):
+  """A truncated array data file (what a full disk or a copy cut short leaves), or no metadata file."""
+  if how == "truncated":
+    data = [p for p in (step_dir / "state" / "d").iterdir() if p.is_file()]
+    assert data, list(step_dir.rglob("*"))
+    for path in data:
+      os.truncate(path, path.stat().st_size // 2)
+  else:
+    (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how, error", [
+    ("truncated", r"ValueError: OUT_OF_RANGE: .*Requested byte range .* is not valid for value of size"),
+    ("no_metadata", r"AttributeError: 'NoneType' object has no attribute 'tree'"),
+])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_restored(tmp_path, how, error):
+  with checkpoints.Checkpointer(tmp_path, save_every_steps=1, keep=5) as ckpt:
+    for step in (22, 44, 51):
+      ckpt.save(step, _state(seed=step), {"step": step})
+  _damage(tmp_path / "checkpoints" / "51", how)
+  reported = []
+  with checkpoints.Checkpointer(tmp_path, save_every_steps=1, keep=5) as ckpt:
+    state, metadata, step = ckpt.restore_newest_readable(_state(), lambda *a: reported.append(a))
+    assert ckpt.all_steps() == [22, 44] and ckpt.damaged() == ["51.damaged"]
+  assert step == 44 and metadata == {"step": 44}
+  _assert_bitwise_equal(state, _state(seed=44))  # exactly the older checkpoint's values
+  [(bad_step, moved_to, line)] = reported
+  assert bad_step == 51 and moved_to == str(tmp_path / "checkpoints" / "51.damaged")
+  assert re.match(error, line) and "\n" not in line and "tensorstore_spec" not in line, line
+  assert (tmp_path / "checkpoints" / "51.damaged" / "state").is_dir()  # kept, not deleted
+
+
+def test_no_readable_checkpoint_left_stops_rather_than_starting_over(tmp_path):
+  with checkpoints.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    ckpt.save(5, _state(seed=5), {"step": 5})
+  _damage(tmp_path / "checkpoints" / "5", "no_metadata")
+  for _ in range(2):  # and again on the next attempt, when it was moved aside already
+    with checkpoints.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+      with pytest.raises(checkpoints.DamagedCheckpoints, match=r"No checkpoint in .*checkpoints can be read "
+                                                               r"\(moved aside: 5.damaged\).*delete them"):
+        ckpt.restore_newest_readable(_state(), lambda *a: None)
+  with checkpoints.Checkpointer(tmp_path / "fresh", save_every_steps=1) as ckpt:
+    assert ckpt.restore_newest_readable(_state(), lambda *a: None) is None  # never had one: fresh start
+
+
+def test_a_checkpoint_of_another_model_is_a_mismatch_not_damage(tmp_path):
+  with checkpoints.Checkpointer(tmp_path, save_every_steps=1) as ckpt:
+    ckpt.save(5, _state(), {"step": 5})
+    with pytest.raises(checkpoints.CheckpointMismatch, match="does not fit"):
+      ckpt.restore_newest_readable(_state(dense_out=100), lambda *a: pytest.fail("reported as damage"))
+    assert ckpt.all_steps() == [5] and ckpt.damaged() == []
+
+
+def test_a_damaged_teacher_checkpoint_is_an_error_naming_the_teacher_run(tmp_path):
+  teacher = tmp_path / "teacher"
+  with checkpoints.Checkpointer(teacher, save_every_steps=1) as ckpt:
+    ckpt.save(10, _state(seed=1), {})
+    ckpt.save(20, _state(seed=2), {})
+  _damage(teacher / "checkpoints" / "20", "truncated")
+  template = {"params": _state()["params"], "batch_stats": _state()["batch_stats"]}
+  with pytest.raises(checkpoints.CheckpointReadError) as info:
+    checkpoints.load_variables(teacher, template)
+  message = str(info.value)
+  assert message.startswith(f"The teacher checkpoint {teacher / 'checkpoints' / '20'} cannot be read "
+                            "(ValueError: OUT_OF_RANGE")
+  assert f"the teacher run in {teacher} is damaged" in message and "\n" not in message
+  assert sorted(p.name for p in (teacher / "checkpoints").iterdir()) == ["10", "20"]  # nothing moved
