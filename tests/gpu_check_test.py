@@ -46,6 +46,7 @@ def dry_run(tmp_path_factory):
   return proc, out
 
 
+@pytest.mark.slow  # the dry run trains, in one process per stage
 def test_every_stage_succeeds_and_is_summarised(dry_run):
   proc, out = dry_run
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -55,6 +56,7 @@ def test_every_stage_succeeds_and_is_summarised(dry_run):
     assert re.search(rf"^{re.escape(name)}\s+ok\s", summary, re.M), (name, summary)
 
 
+@pytest.mark.slow
 def test_outputs_fit_what_the_device_tool_brings_back(dry_run):
   # At most 8 files, none in subfolders, each well under 16 MiB.
   _, out = dry_run
@@ -64,6 +66,7 @@ def test_outputs_fit_what_the_device_tool_brings_back(dry_run):
   assert all((out / f).stat().st_size < 2**20 for f in files)
 
 
+@pytest.mark.slow
 def test_step_rows_cover_each_configuration(dry_run):
   _, out = dry_run
   rows = [line.split() for line in (out / "step.txt").read_text().splitlines()
@@ -77,6 +80,7 @@ def test_step_rows_cover_each_configuration(dry_run):
     assert np.isfinite(loss) and loss > 0
 
 
+@pytest.mark.slow
 def test_training_run_trains_and_evaluates_the_held_out_split(dry_run):
   _, out = dry_run
   results = json.loads((out / "results.json").read_text())

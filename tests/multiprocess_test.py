@@ -22,6 +22,8 @@ import pytest
 from nst_jax import models
 from nst_jax.trainer import checkpoints
 
+pytestmark = pytest.mark.slow  # each test trains real runs in 2 + 1 processes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = """
 import importlib.util

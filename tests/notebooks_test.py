@@ -94,6 +94,7 @@ def test_kernel_is_this_interpreter(kernel_env):
   assert sys.executable in spec
 
 
+@pytest.mark.slow  # trains a teacher and two students
 def test_quickstart_runs_in_its_small_setting(kernel_env, tmp_path):
   nb = _run("quickstart", kernel_env, tmp_path)
   text = _text(nb)
@@ -132,6 +133,7 @@ def test_quickstart_runs_in_its_small_setting(kernel_env, tmp_path):
   assert _images(nb) >= 4, "curves, MMD per layer, selectivity maps and t-SNE: four figures expected"
 
 
+@pytest.mark.slow  # a notebook kernel, every method of every kernel, timings
 def test_kernels_notebook_runs_in_its_small_setting(kernel_env, tmp_path):
   nb = _run("kernels", kernel_env, tmp_path)
   text = _text(nb)

@@ -42,6 +42,10 @@ TOL = 1e-5
 FORMATS = ("pth", "pth_repdistiller", "safetensors")
 CIFAR_FAMILY = [name for name in convert.SUPPORTED if name not in ("resnet18", "resnet34", "resnet50",
                                                                    "resnet101")]
+# One model per architecture family and block kind in the default run; the other depths and widths of
+# the same code (resnet14-110, resnet32x4, wrn_16_1/40_x, vgg11-19, resnet34/101) in the slow run.
+EVAL_DEFAULT = ("resnet8", "resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2",
+                "ResNet50", "resnet18", "resnet50")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,7 +122,8 @@ def assert_matches(jax_out, torch_out, tol=TOL):
 
 
 @needs_torch
-@pytest.mark.parametrize("name", sorted(convert.SUPPORTED))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in EVAL_DEFAULT else pytest.mark.slow)
+                                  for n in sorted(convert.SUPPORTED)])
 def test_eval_matches_pytorch(name, tmp_path):
   index = sorted(convert.SUPPORTED).index(name)
   model = _torch_model(name, seed=index).eval()

@@ -1,12 +1,12 @@
-"""Tests of nst_jax.tools.evaluate on a 1-epoch resnet8 run on the shared CIFAR-10 folder (200 training
-images,
-300 held out), trained once for the module: the command on the held-out split and the library on a
-folder with two classes at another image size, each against an independent count (the images decoded
-with Pillow, resized and normalised in NumPy with the training files' own statistics, the model applied
-directly); unknown classes and the error paths."""
+"""Tests of nst_jax.tools.evaluate on a 1-epoch resnet8 run on a 10-class JPEG folder (200 training
+images, 300 held out), trained once per folder: the tiny folder of digits that tests/conftest.py writes,
+and the shared CIFAR-10 folder where it exists (skipped with a message elsewhere). The command on the
+held-out split and the library on a folder with two classes at another image size, each against an
+independent count (the images decoded with Pillow, resized and normalised in NumPy with the training
+files' own statistics, the model applied directly); unknown classes and the error paths."""
 
 import json
-import pathlib
+import re
 import shutil
 
 import jax
@@ -20,11 +20,7 @@ from nst_jax.tools import evaluate
 from nst_jax.trainer import checkpoints, train_loop
 from tests.trainer.data.resize_reference import bilinear_resize
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CIFAR_FOLDER = pathlib.Path("../shared/data/cifar10/train")  # relative to the repository root
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_PER_CLASS, HELD_OUT_PER_CLASS = 20, 30
-FILES_PER_CLASS = 5000
 
 
 def _decode(path) -> np.ndarray:
@@ -32,14 +28,14 @@ def _decode(path) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-pytestmark = pytest.mark.usefixtures("fast_compilation")  # values, not speed (tests/conftest.py)
+# Values, not speed (tests/conftest.py); every test reads a trained run.
+pytestmark = [pytest.mark.usefixtures("fast_compilation"), pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  folder = (ROOT / CIFAR_FOLDER).resolve()
-  if not folder.is_dir():
-    pytest.skip(f"the shared CIFAR-10 folder {CIFAR_FOLDER} (from the repository root) is absent here")
+@pytest.fixture(scope="module", params=["tiny_image_folder", "shared_cifar10_folder"])
+def run(request, tmp_path_factory):
+  images = request.getfixturevalue(request.param)  # conftest's ImageFolder; the shared one may skip
+  folder, classes = images.path.resolve(), images.classes
   tmp = tmp_path_factory.mktemp("evaluate")
   config = default.get_config()
   d = config.data
@@ -57,11 +53,11 @@ def run(tmp_path_factory):
   model = models.get_model("resnet8", 10)
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False))
   variables = checkpoints.load_variables(workdir, template)
-  train_pixels = np.stack([_decode(folder / c / f"{i:04d}.jpg") for c in CLASSES
+  train_pixels = np.stack([_decode(images.file(c, i)) for c in classes
                            for i in range(TRAIN_PER_CLASS)]).astype(np.float64) / 255
   mean, std = train_pixels.mean((0, 1, 2)), train_pixels.std((0, 1, 2))
-  return {"workdir": workdir, "folder": folder, "model": model, "variables": variables, "mean": mean,
-          "std": std}
+  return {"workdir": workdir, "folder": folder, "images": images, "model": model, "variables": variables,
+          "mean": mean, "std": std}
 
 
 def _reference(run, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -85,13 +81,14 @@ def _assert_matches(result, want):
 
 
 def test_command_on_the_held_out_split(run, capsys):
-  workdir, folder = run["workdir"], run["folder"]
+  workdir = run["workdir"]
   result = evaluate.main(["--workdir", str(workdir), "--split", "validation"])
   printed = capsys.readouterr().out.strip().splitlines()[-1]
   assert json.loads(printed) == result == json.loads((workdir / "eval_validation.json").read_text())
   assert set(result) == {"top1", "top5", "count"}
-  held_out = range(FILES_PER_CLASS - HELD_OUT_PER_CLASS, FILES_PER_CLASS)
-  images = np.stack([_decode(folder / c / f"{i:04d}.jpg") for c in CLASSES for i in held_out])
+  files, classes = run["images"].files_per_class, run["images"].classes
+  held_out = range(files - HELD_OUT_PER_CLASS, files)
+  images = np.stack([_decode(run["images"].file(c, i)) for c in classes for i in held_out])
   _assert_matches(result, _reference(run, images, np.repeat(np.arange(10), HELD_OUT_PER_CLASS)))
   # The same split and preprocessing as the run's own last evaluation.
   results = json.loads((workdir / "results.json").read_text())
@@ -101,10 +98,11 @@ def test_command_on_the_held_out_split(run, capsys):
 def test_folder_with_fewer_classes_and_another_image_size(run, tmp_path):
   folder = tmp_path / "two_classes"
   images, labels = [], []
-  for cls in ("ship", "cat"):  # labels 8 and 3 in the run, by name
+  files, classes = run["images"].files_per_class, run["images"].classes
+  for cls in (classes[8], classes[3]):  # labels 8 and 3 in the run, by name (ship and cat in CIFAR-10)
     (folder / cls).mkdir(parents=True)
-    for i in range(4980, 5000):
-      source = run["folder"] / cls / f"{i:04d}.jpg"
+    for i in range(files - 20, files):
+      source = run["images"].file(cls, i)
       if i % 2:  # half at 40x40 (lossless PNG), half the 32x32 JPEG itself
         big = Image.open(source).convert("RGB").resize((40, 40), Image.BICUBIC)
         big.save(folder / cls / f"{i:04d}.png")
@@ -112,18 +110,19 @@ def test_folder_with_fewer_classes_and_another_image_size(run, tmp_path):
       else:
         shutil.copy(source, folder / cls / source.name)
         images.append(_decode(source))
-      labels.append(CLASSES.index(cls))
+      labels.append(classes.index(cls))
   result = evaluate.evaluate_run(str(run["workdir"]), image_folder=str(folder))
   assert json.loads((run["workdir"] / "eval_two_classes.json").read_text()) == result
-  order = np.argsort(labels, kind="stable")  # the pipeline reads classes in name order: cat, then ship
+  order = np.argsort(labels, kind="stable")  # the pipeline reads classes in name order: 3, then 8
   _assert_matches(result, _reference(run, np.stack(images)[order], np.asarray(labels)[order]))
 
 
 def test_unknown_class_is_named(run, tmp_path):
-  for cls in ("cat", "unicorn"):
+  images = run["images"]
+  for cls in (images.classes[3], "unicorn"):
     (tmp_path / cls).mkdir()
-    shutil.copy(run["folder"] / "cat" / "4999.jpg", tmp_path / cls / "a.jpg")
-  valid = r"Valid class names: airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck\."
+    shutil.copy(images.file(images.classes[3], images.files_per_class - 1), tmp_path / cls / "a.jpg")
+  valid = re.escape(f"Valid class names: {', '.join(images.classes)}.")
   with pytest.raises(SystemExit, match=r"'unicorn' that the run's label set does not have\. " + valid):
     evaluate.main(["--workdir", str(run["workdir"]), "--image_folder", str(tmp_path)])
 

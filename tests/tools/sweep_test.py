@@ -1,16 +1,14 @@
-"""The experiment runner: a real sweep of a tiny digits config (2 methods x 2 seeds, one shared teacher,
-2 jobs) killed with SIGKILL mid-run, rerun to the end and rerun again; the tables against NumPy on the
-runs' own results.json; bad input. One module-scoped sweep serves every test that needs trained runs.
+"""The experiment runner: a real sweep of configs/tiny.py (ce and kd_nst x 2 seeds, one shared teacher,
+2 jobs) killed with SIGKILL mid-run, rerun to the end and rerun again (the session's `tiny_sweep`
+fixture, tests/conftest.py, which the viz and seeds tests read too); the tables against NumPy on the
+runs' own results.json; bad input.
 """
 
 import csv
 import json
 import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
+import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +18,8 @@ from nst_jax.tools import sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# Methods ce and kd on digits at 8 px, one epoch; kd's teacher is this file's own `:ce` run.
+# Methods ce and kd on digits at 8 px, one epoch; kd's teacher is this file's own `:ce` run. The tests
+# without training plan it and read its REFERENCE; the trained tests read the session's configs/tiny.py sweep.
 CONFIG = '''"""A tiny digits sweep for tests."""
 
 import pathlib
@@ -45,23 +44,7 @@ def get_config(method: str = "kd"):
     config.teacher.config = f"{pathlib.Path(__file__).resolve()}:ce"
   return config
 '''
-OVERRIDES = ["--config.logging.checkpoint_every_steps=2"]
-RUNS = [(m, k) for k in (0, 1) for m in ("ce", "kd")]
-
-
-def _start_sweep(base, root, *extra):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",  # one CPU device per run
-         "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache")}  # later runs reuse the compiled steps
-  command = [sys.executable, "-m", "nst_jax.tools.sweep", "--config", str(base / "tiny.py"),
-             "--methods", "ce,kd",
-             "--seeds", "0,1", "--root", str(root), "--jobs", "2", *OVERRIDES, *extra]
-  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True)  # its own process group, to kill it whole
-
-
-def _committed_steps(workdir):
-  path = pathlib.Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+RUNS = [(m, k) for k in (0, 1) for m in ("ce", "kd_nst")]
 
 
 def _results(root, method, seed):
@@ -69,46 +52,29 @@ def _results(root, method, seed):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-  base = tmp_path_factory.mktemp("sweep")
-  (base / "tiny.py").write_text(CONFIG)
-  root = base / "root"
-  started = time.perf_counter()
-  proc = _start_sweep(base, root)
-  first = root / "ce" / "seed0"
-  deadline = time.time() + 400
-  while not _committed_steps(first) and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.02)
-  os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its runs
-  proc.communicate(timeout=60)
-  killed = {"steps": _committed_steps(first), "finished": (first / "results.json").exists()}
-  proc = _start_sweep(base, root)
-  resumed_out, _ = proc.communicate(timeout=900)
-  assert proc.returncode == 0, resumed_out
-  mtimes = {run: (root / run[0] / f"seed{run[1]}" / "results.json").stat().st_mtime for run in RUNS}
-  proc = _start_sweep(base, root)
-  rerun_out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, rerun_out
-  print(f"sweep fixture: {time.perf_counter() - started:.0f} s")
-  return {"base": base, "root": root, "killed": killed, "resumed_out": resumed_out, "rerun_out": rerun_out,
-          "mtimes": mtimes}
+def swept(tiny_sweep):
+  """The session's sweep (tests/conftest.py): configs/tiny.py, methods ce and kd_nst, seeds 0 and 1."""
+  assert (tiny_sweep.methods, tiny_sweep.seeds) == (("ce", "kd_nst"), (0, 1))
+  return {"config": tiny_sweep.config, "overrides": list(tiny_sweep.overrides), "root": tiny_sweep.root,
+          "killed": tiny_sweep.killed, "resumed_out": tiny_sweep.resumed_out,
+          "rerun_out": tiny_sweep.rerun_out, "mtimes": tiny_sweep.mtimes}
 
 
 def test_layout_and_what_each_run_was_given(swept):
   root = swept["root"]
   spec = json.loads((root / "sweep.json").read_text())
-  assert spec == {"config": str(swept["base"] / "tiny.py"), "methods": ["ce", "kd"], "seeds": [0, 1],
-                  "overrides": OVERRIDES}
+  assert spec == {"config": str(swept["config"]), "methods": ["ce", "kd_nst"], "seeds": [0, 1],
+                  "overrides": swept["overrides"]}
   for name in ("results.csv", "results.md", "curves.png"):
     assert (root / name).is_file(), name
-  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["ce", "kd", "teacher"]
+  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["ce", "kd_nst", "teacher"]
   for method, seed in RUNS:
     workdir = root / method / f"seed{seed}"
     assert _results(root, method, seed)["finished"] is True
     assert (workdir / "curves.png").is_file() and (workdir / "run.json").is_file()
     config = json.loads((workdir / "config.json").read_text())
-    assert config["seed"] == seed and config["logging"]["checkpoint_every_steps"] == 2
-    if method == "kd":
+    assert config["seed"] == seed and config["logging"]["keep_checkpoints"] == 2  # the override
+    if method == "kd_nst":
       assert config["teacher"]["workdir"] == str(root / "teacher")
     else:
       assert config["teacher"]["model"] == ""
@@ -120,10 +86,10 @@ def test_teacher_trained_once_and_shared(swept):
   stages = {run: [s["name"] for s in json.loads((root / run[0] / f"seed{run[1]}" / "run.json").read_text())
                   ["stages"]] for run in RUNS}
   assert sum("teacher" in names for names in stages.values()) == 1, stages
-  assert stages[("kd", 1)] == ["student"] and stages[("ce", 0)] == ["student"]
+  assert stages[("kd_nst", 1)] == ["student"] and stages[("ce", 0)] == ["student"]
   teacher = json.loads((root / "teacher" / "results.json").read_text())
-  for seed in (0, 1):  # Both kd runs measured the one teacher run: its final accuracy.
-    assert _results(root, "kd", seed)["teacher"]["top1"] == pytest.approx(teacher["last_top1"])
+  for seed in (0, 1):  # Both kd_nst runs measured the one teacher run: its final accuracy.
+    assert _results(root, "kd_nst", seed)["teacher"]["top1"] == pytest.approx(teacher["last_top1"])
 
 
 def test_sigkill_mid_run_then_the_same_command_resumes(swept):
@@ -146,8 +112,8 @@ def test_finished_runs_are_skipped(swept):
 def test_csv_means_and_stds_against_numpy(swept):
   root = swept["root"]
   rows = {r["method"]: r for r in csv.DictReader((root / "results.csv").open())}
-  assert list(rows) == ["ce", "kd", "teacher"]
-  for method in ("ce", "kd"):
+  assert list(rows) == ["ce", "kd_nst", "teacher"]
+  for method in ("ce", "kd_nst"):
     results = [_results(root, method, k) for k in (0, 1)]
     row = rows[method]
     assert row["n"] == "2" and row["n_planned"] == "2" and row["seeds"] == "0 1"
@@ -156,12 +122,13 @@ def test_csv_means_and_stds_against_numpy(swept):
       assert float(row[f"{metric}_mean"]) == pytest.approx(values.mean(), abs=1e-6)
       std = np.sqrt(((values - values.mean()) ** 2).sum() / (len(values) - 1))  # sample std, by hand
       assert float(row[f"{metric}_std"]) == pytest.approx(std, abs=1e-6)
-  assert float(rows["kd"]["teacher_top1"]) == pytest.approx(_results(root, "kd", 0)["teacher"]["top1"])
+  assert float(rows["kd_nst"]["teacher_top1"]) == pytest.approx(
+      _results(root, "kd_nst", 0)["teacher"]["top1"])
   assert rows["ce"]["teacher_top1"] == "" and rows["ce"]["reference"] == ""
-  assert (float(rows["kd"]["reference"]), rows["kd"]["source"]) == (50.0, "a made-up number")
+  assert rows["kd_nst"]["reference"] == "" and rows["kd_nst"]["source"] == ""  # tiny.py quotes none
   teacher = json.loads((root / "teacher" / "results.json").read_text())
   assert float(rows["teacher"]["last_top1_mean"]) == pytest.approx(teacher["last_top1"], abs=1e-6)
-  assert rows["teacher"]["last_top1_std"] == "" and rows["teacher"]["reference"] == "40.000000"
+  assert rows["teacher"]["last_top1_std"] == "" and rows["teacher"]["reference"] == ""
   md = (root / "results.md").read_text()
   ce = [_results(root, "ce", k)["last_top1"] for k in (0, 1)]
   assert f"| ce | 2 | {np.mean(ce):.2f} ± {np.std(ce, ddof=1):.2f} |" in md
@@ -169,7 +136,7 @@ def test_csv_means_and_stds_against_numpy(swept):
 
 def test_curves_are_pictures(swept):
   for path, size in ((swept["root"] / "curves.png", (1280, 840)),
-                     (swept["root"] / "kd" / "seed1" / "curves.png", (2000, 800))):
+                     (swept["root"] / "kd_nst" / "seed1" / "curves.png", (2000, 800))):
     image = np.asarray(Image.open(path).convert("L"), np.float32)
     assert image.shape[::-1] == size, path
     assert image.std() > 10.0, path  # not a blank canvas: axes, text and lines
@@ -182,20 +149,22 @@ def test_report_rebuilds_tables_from_what_exists(swept, capsys):
     (root / name).unlink()
   assert sweep.main(["--report", "--root", str(root)]) == 0
   assert (root / "results.csv").read_text() == before
-  assert (root / "curves.png").is_file() and "| kd | 2 |" in capsys.readouterr().out
+  assert (root / "curves.png").is_file() and "| kd_nst | 2 |" in capsys.readouterr().out
 
 
 def test_report_reads_the_runs_and_exports_them_without_checkpoints(swept, tmp_path):
   root, dest = swept["root"], tmp_path / "export"
   comparisons = list(csv.DictReader(open(root / "comparisons.csv")))
-  assert [(r["method"], r["against"], r["n"]) for r in comparisons] == [("kd", "ce", "2")]
-  last = {m: [_results(root, m, k)["last_top1"] for k in (0, 1)] for m in ("ce", "kd")}
-  assert float(comparisons[0]["difference"]) == pytest.approx(np.mean(last["kd"]) - np.mean(last["ce"]),
-                                                             abs=1e-5)
+  assert [(r["method"], r["against"], r["n"]) for r in comparisons] == [("kd_nst", "ce", "2")]
+  last = {m: [_results(root, m, k)["last_top1"] for k in (0, 1)] for m in ("ce", "kd_nst")}
+  assert float(comparisons[0]["difference"]) == pytest.approx(
+      np.mean(last["kd_nst"]) - np.mean(last["ce"]), abs=1e-5)
   terms = {(r["method"], r["term"]): r for r in csv.DictReader(open(root / "terms.csv"))}
-  assert set(terms) == {("ce", "ce"), ("kd", "ce"), ("kd", "kd")}
-  kd = [_results(root, "kd", k)["epochs"][-1]["train"] for k in (0, 1)]
-  assert float(terms["kd", "kd"]["end"]) == pytest.approx(np.mean([t["train_kd_loss"] for t in kd]), rel=1e-5)
+  assert set(terms) == {("ce", "ce"), ("kd_nst", "ce"), ("kd_nst", "kd"), ("kd_nst", "nst")}
+  kd = [_results(root, "kd_nst", k)["epochs"][-1]["train"] for k in (0, 1)]
+  for term in ("kd", "nst"):
+    assert float(terms["kd_nst", term]["end"]) == pytest.approx(
+        np.mean([t[f"train_{term}_loss"] for t in kd]), rel=1e-5)
   assert sweep.main(["--report", "--root", str(root), "--export", str(dest)]) == 0
   assert not list(dest.rglob("checkpoints")) and (dest / "teacher" / "results.json").is_file()
   def strings(value):
@@ -205,7 +174,7 @@ def test_report_reads_the_runs_and_exports_them_without_checkpoints(swept, tmp_p
   for path in dest.rglob("*.json"):  # no absolute path of this machine, flags' values included
     assert not [s for s in strings(json.loads(path.read_text()))
                 if isinstance(s, str) and os.path.isabs(s.rpartition("=")[2])], path
-  assert json.loads((dest / "kd" / "seed1" / "results.json").read_text()) == _results(root, "kd", 1)
+  assert json.loads((dest / "kd_nst" / "seed1" / "results.json").read_text()) == _results(root, "kd_nst", 1)
 
 
 # Without training: tables from hand-written results, the plan, bad input.
@@ -238,6 +207,20 @@ def test_fewer_finished_runs_than_seeds_is_said(tmp_path):
   assert rows["kd"]["best_top5_mean"] == 95.0  # the best over the epochs when results.json has no best_top5
   md = (root / "results.md").read_text()
   assert "| kd | 1 of 3 | 70.00 |" in md and "| ce | 3 | 63.00 ± 3.61 |" in md
+
+
+def test_reference_columns_are_the_configs_REFERENCE(tmp_path):
+  (tmp_path / "tiny.py").write_text(CONFIG)  # REFERENCE: kd 50.0 and the teacher 40.0, made up
+  root = _fake_root(tmp_path, {"ce": {0: 60.0}, "kd": {0: 70.0, 1: 72.0}})
+  spec = json.loads((root / "sweep.json").read_text())
+  (root / "sweep.json").write_text(json.dumps({**spec, "config": str(tmp_path / "tiny.py")}))
+  shutil.copytree(root / "ce" / "seed0", root / "teacher")
+  sweep.report(str(root))
+  rows = {r["method"]: r for r in csv.DictReader((root / "results.csv").open())}
+  assert (float(rows["kd"]["reference"]), rows["kd"]["source"]) == (50.0, "a made-up number")
+  assert rows["ce"]["reference"] == "" and rows["ce"]["source"] == ""
+  assert (rows["teacher"]["reference"], rows["teacher"]["source"]) == ("40.000000", "made up too")
+  assert rows["teacher"]["last_top1_std"] == ""
 
 
 def test_plan_goes_seed_by_seed_and_shares_the_teacher(tmp_path):

@@ -1,7 +1,7 @@
-"""Tests of nst_jax.tools.viz on a tiny sweep trained once for the module, in the layout
-`<root>/<method>/seed0`:
-digits at 16 px, one epoch each of a resnet8 teacher and a `kd_nst` resnet8 student; `ce/seed0` is a copy
-of the teacher's run (a supervised resnet8 as well, so one training less, and MMD^2 = 0 to the teacher).
+"""Tests of nst_jax.tools.viz on the session's sweep of configs/tiny.py (tests/conftest.py), in the
+layout `<root>/<method>/seed<k>`: digits at 16 px, one epoch each of a resnet8 teacher and resnet8
+students, `ce` and `kd_nst` (CE + KD + NST on stage1-3), seeds 0 and 1. `ce/seed0` is the teacher's own
+config and seed, hence the same run bitwise (tests/seeds_test.py checks that): MMD^2 = 0 to the teacher.
 
 The pure core against NumPy written from the definitions (top-k channel choice, L2 normalisation,
 bilinear upsampling, per-image MMD^2 as the three double sums); MMD^2 per layer over the whole eval split
@@ -20,10 +20,9 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from configs import _common, default
 from nst_jax import models
 from nst_jax.tools import viz
-from nst_jax.trainer import checkpoints, train_loop
+from nst_jax.trainer import checkpoints
 from nst_jax.trainer.data import sources
 from tests import np_reference as ref
 from tests.trainer.data.resize_reference import bilinear_resize
@@ -38,31 +37,14 @@ DPI = 50
 pytestmark = pytest.mark.usefixtures("fast_compilation")  # values, not speed (tests/conftest.py)
 
 
-def _config(method: str, seed: int, teacher_workdir=None):
-  config = default.get_config()
-  config.seed = seed
-  config.student.model = "resnet8"
-  config.data.image_size = IMAGE_SIZE
-  config.schedule.epochs, config.schedule.decay_epochs = 1, ()
-  config.logging.tensorboard = False  # importing TensorFlow costs seconds
-  config.logging.log_every_steps = 100
-  if _common.set_method(config, method, ("ce", "kd_nst"), kd_weights=(1.0, 1.0), feature_layers=STAGES,
-                        hint_layer=("stage2", "stage2")):
-    config.teacher.model, config.teacher.workdir = "resnet8", str(teacher_workdir)
-  return config
+RUNS = ("teacher", "ce/seed0", "ce/seed1", "kd_nst/seed0", "kd_nst/seed1")
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-  """A sweep root: the teacher, kd_nst/seed0 distilled from it, and ce/seed0 a copy of the teacher's run
-  (a supervised resnet8 too, one training run less, and MMD^2 = 0 to the teacher: a known value)."""
-  root = tmp_path_factory.mktemp("viz") / "sweep"
-  train_loop.train_and_evaluate(_config("ce", 5), str(root / "teacher"))
-  train_loop.train_and_evaluate(_config("kd_nst", 0, root / "teacher"), str(root / "kd_nst" / "seed0"))
-  shutil.copytree(root / "teacher", root / "ce" / "seed0")
-  spec = {"config": "configs/tiny.py", "methods": ["ce", "kd_nst"], "seeds": [0], "overrides": []}
-  (root / "sweep.json").write_text(json.dumps(spec))
-  return root
+def root(tiny_sweep):
+  """The session's sweep root: the teacher, ce and kd_nst with seeds 0 and 1."""
+  assert (tiny_sweep.methods, tiny_sweep.seeds) == (("ce", "kd_nst"), (0, 1))
+  return tiny_sweep.root
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +54,7 @@ def run(root):
 
 @pytest.fixture(scope="module")
 def reference(root):
-  """Eval images resized and normalised in NumPy, and every tap of the three networks applied to them."""
+  """Eval images resized and normalised in NumPy, and every tap of the five networks applied to them."""
   digits = sources.load_digits("validation")
   pixels = bilinear_resize(digits.images, (IMAGE_SIZE, IMAGE_SIZE))
   (mean,), (std,) = sources.MEAN_STD["digits"]
@@ -80,8 +62,8 @@ def reference(root):
   model = models.get_model("resnet8", 10)
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
   features = {}
-  for name, workdir in (("teacher", "teacher"), ("kd_nst", "kd_nst/seed0")):
-    variables = checkpoints.load_variables(root / workdir, template)
+  for name in RUNS:
+    variables = checkpoints.load_variables(root / name, template)
     _, taps = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     features[name] = {k: np.asarray(v, np.float64) for k, v in taps.items()}
   return {"pixels": pixels, "labels": digits.labels, "features": features}
@@ -217,19 +199,23 @@ def test_mmd_per_layer_over_the_eval_split_against_numpy(root, reference):
   assert numbers["taps"] == TAPS and numbers["images"] == NUM_EVAL
   assert sorted(numbers["methods"]) == ["ce", "kd_nst"]
   teacher = reference["features"]["teacher"]
-  for method, student in (("kd_nst", reference["features"]["kd_nst"]), ("ce", teacher)):
+  for method in ("kd_nst", "ce"):
     entry = numbers["methods"][method]
-    assert list(entry["runs"]) == [f"{method}/seed0"]
+    assert list(entry["runs"]) == [f"{method}/seed0", f"{method}/seed1"]
     for kernel in viz.KERNELS:
       for s, t in STAGES:
-        expected = _per_image(kernel, student[s], teacher[t]).mean()
-        got = entry["runs"][f"{method}/seed0"][kernel][f"{s}:{t}"]
-        assert got == pytest.approx(expected, rel=1e-3, abs=1e-6), (method, kernel, s)
-        if method == "ce":  # the teacher's own run
-          assert got == pytest.approx(0.0, abs=1e-6)
-        assert entry["mean"][kernel][f"{s}:{t}"] == got and entry["std"][kernel][f"{s}:{t}"] is None
+        values = []
+        for run in entry["runs"]:
+          expected = _per_image(kernel, reference["features"][run][s], teacher[t]).mean()
+          got = entry["runs"][run][kernel][f"{s}:{t}"]
+          assert got == pytest.approx(expected, rel=1e-3, abs=1e-6), (run, kernel, s)
+          if run == "ce/seed0":  # the teacher's own config and seed: the teacher itself
+            assert got == pytest.approx(0.0, abs=1e-6)
+          values.append(got)
+        assert entry["mean"][kernel][f"{s}:{t}"] == pytest.approx(np.mean(values), rel=1e-12)
+        assert entry["std"][kernel][f"{s}:{t}"] == pytest.approx(np.std(values, ddof=1), rel=1e-9)
   table = viz.mmd_table(numbers)
-  assert "| kd_nst | 1 | gaussian |" in table and "stage3:stage3" in table
+  assert "| kd_nst | 2 | gaussian |" in table and "stage3:stage3" in table
   json.dumps(numbers)
 
 
@@ -238,12 +224,12 @@ def test_selectivity_numbers_against_numpy(run, reference):
   assert len(figure.axes) == 2 * 2 * (3 + 2)
   assert numbers["tap"] == "stage2:stage3" and numbers["k"] == 3
   features = reference["features"]
-  poly = _per_image("polynomial", features["kd_nst"]["stage2"][[3, 10]],
+  poly = _per_image("polynomial", features["kd_nst/seed0"]["stage2"][[3, 10]],
                     features["teacher"]["stage3"][[3, 10]])
   for entry, index, mmd in zip(numbers["images"], (3, 10), poly, strict=True):
     assert entry["index"] == index and entry["label"] == reference["labels"][index]
     for who, tap in (("teacher", "stage3"), ("student", "stage2")):
-      means = features["kd_nst" if who == "student" else "teacher"][tap][index].mean((0, 1))
+      means = features["kd_nst/seed0" if who == "student" else "teacher"][tap][index].mean((0, 1))
       assert entry[who]["channels"] == np.argsort(-means, kind="stable")[:3].tolist()
       np.testing.assert_allclose(entry[who]["mean_activation"], np.sort(means)[::-1][:3], rtol=1e-3)
     assert entry["mmd2"]["polynomial"] == pytest.approx(mmd, rel=1e-3)
@@ -254,7 +240,7 @@ def test_tsne_against_numpy_and_the_teacher_against_itself(run, root, reference)
   figure, numbers = viz.tsne(run, compare=root / "teacher", images=[0, 100], max_maps=100)
   assert len(figure.axes) == 2 and numbers["tap"] == "stage3:stage3" and numbers["kernel"] == "polynomial"
   student, teacher = numbers["panels"]
-  expected = _per_image("polynomial", reference["features"]["kd_nst"]["stage3"][[0, 100]],
+  expected = _per_image("polynomial", reference["features"]["kd_nst/seed0"]["stage3"][[0, 100]],
                         reference["features"]["teacher"]["stage3"][[0, 100]])
   np.testing.assert_allclose(student["mmd2_per_image"], expected, rtol=1e-3)
   assert student["maps"] == {"teacher": 100, "student": 100}

@@ -1,6 +1,7 @@
 """End-to-end tests of launch.py / train_and_evaluate: a teacher trained first and a KD+NST student on
 scikit-learn's digits, exact resume after SIGKILL, a clean stop on SIGTERM, clear config errors, TFDS
-mock data, and real CIFAR-10 images from the shared folder.
+mock data, and JPEG folders (tests/conftest.py's tiny one, and the shared CIFAR-10 folder where it
+exists). Every test that trains is marked slow; two of the config-error cases stay in the default run.
 """
 
 import json
@@ -20,7 +21,6 @@ from nst_jax import models
 from nst_jax.trainer import checkpoints, config_lib, train_loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CIFAR_FOLDER = ROOT / ".." / "shared" / "data" / "cifar10" / "train"
 DEFAULT = ROOT / "configs" / "default.py"
 FAST = ["--config.schedule.epochs=2", "--config.schedule.decay_epochs=(1,)",
         "--config.logging.log_every_steps=10", "--config.logging.checkpoint_every_steps=5",
@@ -78,6 +78,7 @@ def uninterrupted(tmp_path_factory):
   return workdir, out
 
 
+@pytest.mark.slow
 def test_supervised_run_writes_results_config_and_events(uninterrupted):
   workdir, out = uninterrupted
   results = json.loads((workdir / "results.json").read_text())
@@ -106,6 +107,7 @@ def test_supervised_run_writes_results_config_and_events(uninterrupted):
   assert _committed_steps(workdir) == [35, 40, 44]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
   reference, _ = uninterrupted
   workdir = tmp_path / "run"
@@ -121,6 +123,7 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
   _assert_bitwise_equal(_final_variables(workdir), _final_variables(reference))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_like_sigterm(tmp_path):
   workdir = tmp_path / "run"
   proc = _launch(workdir, "--config.schedule.epochs=20")
@@ -165,6 +168,7 @@ def distilled(tmp_path_factory):
   return root, teacher_config, out
 
 
+@pytest.mark.slow
 def test_distillation_trains_its_teacher_first_as_a_stage(distilled):
   root, _, out = distilled
   assert out.index("nst_jax teacher stage") < out.index("nst_jax student stage")
@@ -178,6 +182,7 @@ def test_distillation_trains_its_teacher_first_as_a_stage(distilled):
   assert not re.search(r"^(W\d{4} |WARNING:absl)", out, re.M), out  # the teacher load is silent
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_teacher_stage_then_rerun_equals_an_uninterrupted_run(distilled, tmp_path):
   reference_root, teacher_config, _ = distilled
   proc = _distil(tmp_path, teacher_config)
@@ -195,6 +200,7 @@ def test_sigterm_in_the_teacher_stage_then_rerun_equals_an_uninterrupted_run(dis
   _assert_bitwise_equal(_final_variables(tmp_path / "student"), _final_variables(reference_root / "student"))
 
 
+@pytest.mark.slow
 def test_finished_teacher_is_found_from_another_directory_and_not_retrained(distilled, tmp_path):
   root, teacher_config, _ = distilled
   code, out = _finish(_launch(root / "student_2", *KD_NST, "--config.teacher.workdir=teacher",
@@ -204,18 +210,29 @@ def test_finished_teacher_is_found_from_another_directory_and_not_retrained(dist
   assert "teacher stage" not in out and "nst_jax student stage" in out
 
 
+# Each case is a process of its own (seconds to start): the default run keeps the first (an unknown key
+# and its suggestion) and the last (a teacher tap, checked before any stage trains); the slow run all.
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["--config.student.modle=resnet8"], "unknown config key 'student.modle'. Did you mean: student.model?"),
-    (["--config.optim.lr=0.1"], "unknown config key 'optim.lr'."),
-    (["--config.schedule.epochs=two"], "config.schedule.epochs: expected a value of type int, got 'two'."),
-    (["--config.optim.learning_rate=abc"],
-     "config.optim.learning_rate: expected a value of type float, got 'abc'."),
-    (["--config.student.model=resnet9"], "config.student.model: unknown value 'resnet9'."),
-    (["--config.distill.nst.kernel=rbf"], "config.distill.nst.kernel: unknown value 'rbf'."),
-    (["--config.schedule.epochs=0"], "config.schedule.epochs must be an integer >= 1, got 0."),
-    (["--config.optim.learning_rate=-0.1"], "config.optim.learning_rate must be > 0, got -0.1."),
-    (["--config.schedule.batch_size=0"], "config.schedule.batch_size must be an integer >= 1"),
-    (["--config.data.name=digitz"], "digitz"),
+    pytest.param(["--config.optim.lr=0.1"], "unknown config key 'optim.lr'.", marks=_SLOW),
+    pytest.param(["--config.schedule.epochs=two"],
+                 "config.schedule.epochs: expected a value of type int, got 'two'.", marks=_SLOW),
+    pytest.param(["--config.optim.learning_rate=abc"],
+                 "config.optim.learning_rate: expected a value of type float, got 'abc'.", marks=_SLOW),
+    pytest.param(["--config.student.model=resnet9"], "config.student.model: unknown value 'resnet9'.",
+                 marks=_SLOW),
+    pytest.param(["--config.distill.nst.kernel=rbf"], "config.distill.nst.kernel: unknown value 'rbf'.",
+                 marks=_SLOW),
+    pytest.param(["--config.schedule.epochs=0"], "config.schedule.epochs must be an integer >= 1, got 0.",
+                 marks=_SLOW),
+    pytest.param(["--config.optim.learning_rate=-0.1"], "config.optim.learning_rate must be > 0, got -0.1.",
+                 marks=_SLOW),
+    pytest.param(["--config.schedule.batch_size=0"], "config.schedule.batch_size must be an integer >= 1",
+                 marks=_SLOW),
+    pytest.param(["--config.data.name=digitz"], "digitz", marks=_SLOW),
     ([*KD_NST, "--config.teacher.workdir=t", "--config.distill.nst.layers=stage1:stage9"],
      "teacher layer 'stage9' is not a tap of the teacher model"),
 ])
@@ -234,6 +251,7 @@ def test_non_finite_loss_stops_with_the_step_and_terms():
   train_loop._check_finite({"train_ce_loss": 2.3}, 7)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_pmap(tmp_path):
   config = config_lib.load_config_file(str(ROOT / "configs" / "default.py"))
   config.dtype, config.parallel = "bfloat16", "pmap"
@@ -244,6 +262,7 @@ def test_bfloat16_compute_with_pmap(tmp_path):
   assert "8 device(s)" in (tmp_path / "run" / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_mock_tfds_cifar10_end_to_end(tmp_path):
   import tensorflow_datasets as tfds
 
@@ -256,6 +275,7 @@ def test_mock_tfds_cifar10_end_to_end(tmp_path):
   assert results["finished"] and results["epochs"][0]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_mock_imagenet_through_the_tf_data_pipeline(tmp_path):
   import tensorflow_datasets as tfds
 
@@ -270,10 +290,13 @@ def test_mock_imagenet_through_the_tf_data_pipeline(tmp_path):
   assert "imagenet2012 (tfds pipeline), 3 steps per epoch, 1000 classes" in log
 
 
-@pytest.mark.skipif(not CIFAR_FOLDER.is_dir(), reason=f"shared CIFAR-10 folder {CIFAR_FOLDER} is absent")
-def test_loss_goes_down_on_real_cifar_images(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["tiny_image_folder", "shared_cifar10_folder"])
+def test_loss_goes_down_on_a_jpeg_folder(which, request, tmp_path):
+  """conftest's tiny folder of digits, and real CIFAR-10 images where the shared folder exists."""
+  folder = request.getfixturevalue(which).path
   config = config_lib.load_config_file(str(ROOT / "configs" / "default.py"))
-  config.data.name, config.data.path = "image_folder", str(CIFAR_FOLDER)
+  config.data.name, config.data.path = "image_folder", str(folder)
   config.data.limit_per_class, config.data.validation_per_class = 32, 8
   config.data.augment, config.data.cache_dir = "none", str(tmp_path / "cache")
   config.schedule.epochs, config.schedule.batch_size, config.schedule.decay_epochs = 12, 32, ()

@@ -25,6 +25,8 @@ from nst_jax.trainer.data import device_pipeline
 from tests.trainer.data import augment_reference as ref
 from tests.trainer.data import multiprocess_worker as worker
 
+pytestmark = pytest.mark.slow  # two processes on one jax.distributed mesh, TensorFlow in each
+
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 N_TRAIN, N_VAL = 16, 11
 

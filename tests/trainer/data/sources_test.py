@@ -1,6 +1,6 @@
-"""Tests of nst_jax.trainer.data.sources: the registry, digits, image folders (PNG trees and the shared
-CIFAR-10
-folder) and TFDS reading, against arrays computed independently with scikit-learn, Pillow and TFDS."""
+"""Tests of nst_jax.trainer.data.sources: the registry, digits, image folders (PNG trees, JPEG folders
+laid out like the shared CIFAR-10 copy: tests/conftest.py's tiny one and, where it exists, the shared one)
+and TFDS reading, against arrays computed independently with scikit-learn, Pillow and TFDS."""
 
 import pathlib
 
@@ -9,9 +9,6 @@ import pytest
 from PIL import Image
 
 from nst_jax.trainer.data import sources
-
-SHARED_CIFAR10 = pathlib.Path("../shared/data/cifar10/train")  # relative to the repo root
-ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 def test_unknown_name_lists_valid_names():
@@ -142,25 +139,26 @@ def test_image_folder_errors(tmp_path):
     sources.load("image_folder", "all", path=root, cache=False)
 
 
-def test_shared_cifar10_folder(tmp_path):
-  folder = ROOT / SHARED_CIFAR10
-  if not folder.is_dir():
-    pytest.skip(f"the shared CIFAR-10 folder {SHARED_CIFAR10} (from the repo root) is absent on this machine")
+@pytest.mark.parametrize("which", ["tiny_image_folder", "shared_cifar10_folder"])
+def test_cifar_like_jpeg_folder(which, request, tmp_path):
+  """10 classes of 32x32 JPEGs named 0000, 0001, ...: tests/conftest.py's tiny folder of digits, and the
+  shared CIFAR-10 folder (5,000 per class) where it exists."""
+  images = request.getfixturevalue(which)
+  folder, classes, files = images.path, images.classes, images.files_per_class
   kwargs = dict(path=folder, validation_per_class=10, limit_per_class=20, cache_dir=tmp_path)
   train = sources.load("image_folder", "train", **kwargs)
   val = sources.load("image_folder", "validation", **kwargs)
-  classes = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
   assert train.class_names == classes and train.num_classes == 10
   assert train.images.shape == (200, 32, 32, 3) and val.images.shape == (100, 32, 32, 3)
   np.testing.assert_array_equal(train.labels, np.repeat(np.arange(10), 20))
   np.testing.assert_array_equal(val.labels, np.repeat(np.arange(10), 10))
-  # Train is files 0000-0019 of each class, validation the last ten, 4990-4999, decoded here with Pillow.
+  # Train is files 0000-0019 of each class, validation the last ten, decoded here with Pillow.
   for label in (0, 9):
     for i, k in ((0, 0), (19, 19)):
-      expected = np.asarray(Image.open(folder / classes[label] / f"{k:04d}.jpg").convert("RGB"))
+      expected = np.asarray(Image.open(images.file(classes[label], k)).convert("RGB"))
       np.testing.assert_array_equal(train.images[label * 20 + i], expected)
-    for i, k in ((0, 4990), (9, 4999)):
-      expected = np.asarray(Image.open(folder / classes[label] / f"{k:04d}.jpg").convert("RGB"))
+    for i, k in ((0, files - 10), (9, files - 1)):
+      expected = np.asarray(Image.open(images.file(classes[label], k)).convert("RGB"))
       np.testing.assert_array_equal(val.images[label * 10 + i], expected)
 
 
