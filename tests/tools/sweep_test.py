@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from nst_jax.tools import sweep
+from nst_jax.trainer import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -248,8 +249,9 @@ def test_references_of_configs_with_and_without_methods():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config", "configs/nope.py", "--seeds", "0"], "Config file 'configs/nope.py' does not exist."),
-    (["--config", "configs/_common.py", "--seeds", "0"], "'configs/_common.py' is not a config file"),
+    (["--config", "configs/nope.py", "--seeds", "0"],
+     "Config file 'configs/nope.py' does not exist (looked in "),
+    (["--config", "configs/_common.py", "--seeds", "0"], "configs/_common.py' is not a config file"),
     (["--config", "configs/cifar10_folder.py", "--methods", "kd,bogus"],
      "Unknown method(s) bogus. Valid methods: kd_nst, kd, nst, ce."),
     (["--config", "configs/cifar10_folder.py"], "--methods is required for this config. Valid methods: "),
@@ -282,16 +284,74 @@ def test_changed_overrides_on_an_existing_root_are_refused(tmp_path, capsys, mon
   assert "Use another --root, or the same config and overrides." in capsys.readouterr().err
 
 
+def _tiny_spec(tmp_path, **extra):
+  (tmp_path / "tiny.py").write_text(CONFIG)
+  module = sweep.load_config_module(str(tmp_path / "tiny.py"))
+  spec = {"config": str(tmp_path / "tiny.py"), "methods": ["ce", "kd"], "seeds": [0], "overrides": [],
+          "root": str(tmp_path / "root"), **extra}
+  return spec, module
+
+
 def test_a_run_still_running_is_not_started_twice(tmp_path):
+  spec, module = _tiny_spec(tmp_path)
   workdir = tmp_path / "root" / "ce" / "seed0"
-  workdir.mkdir(parents=True)
-  held = sweep._lock(str(workdir / ".sweep.lock"))  # as an orphaned run of a killed sweep holds it
+  held = rundir.lock(workdir)  # the run lock, as an orphaned run of a killed sweep holds it
   try:
-    (tmp_path / "tiny.py").write_text(CONFIG)
-    module = sweep.load_config_module(str(tmp_path / "tiny.py"))
-    spec = {"config": str(tmp_path / "tiny.py"), "methods": ["ce"], "seeds": [0], "overrides": [],
-            "root": str(tmp_path / "root")}
-    with pytest.raises(sweep.SweepError, match="still running"):
+    busy = rf"The run in {workdir} is still running \(pid {os.getpid()} "
+    with pytest.raises(sweep.SweepError, match=busy):
       sweep._Runner(spec, module, sweep.plan(spec, module), jobs=1)
+    root_held = rundir.lock(tmp_path / "other_root", what="sweep")  # a second sweep of one root
+    with pytest.raises(sweep.SweepError, match="is in use by another sweep"):
+      sweep.sweep(spec["config"], "ce", "0", str(tmp_path / "other_root"), 1, [])
+    root_held.release()
   finally:
-    os.close(held)
+    held.release()
+
+
+def _finished_run(workdir, model, epochs=1, batch=64, log=""):
+  workdir.mkdir(parents=True)
+  rundir.write_json(workdir / rundir.CONFIG, {"student": {"model": model}, "seed": 0,
+                                              "schedule": {"epochs": epochs, "batch_size": batch}})
+  rundir.write_json(workdir / rundir.RESULTS, {"finished": True, "last_top1": 50.0})
+  (workdir / "log.txt").write_text(log)
+
+
+def test_teacher_workdir_must_be_a_finished_run_of_the_teacher_model(tmp_path):
+  _, module = _tiny_spec(tmp_path)
+  good, other = tmp_path / "good_teacher", tmp_path / "wrong_model"
+  _finished_run(good, "resnet8")
+  _finished_run(other, "resnet20")
+  assert sweep.check_teacher_workdir(str(good), module, ["kd"]) == str(good)
+  with pytest.raises(sweep.SweepError, match="trained 'resnet20', but the config's teacher model is resnet8"):
+    sweep.check_teacher_workdir(str(other), module, ["kd"])
+  with pytest.raises(sweep.SweepError, match="is not a finished run"):
+    sweep.check_teacher_workdir(str(tmp_path / "none"), module, ["kd"])
+  spec, _ = _tiny_spec(tmp_path, teacher_workdir=str(good))
+  kd = next(r for r in sweep.plan(spec, module) if r.method == "kd")
+  assert f"--config.teacher.workdir={good}" in sweep.run_command(spec, kd, module)
+  # It is only read: the distilling run may start at once, as no teacher stage is to come.
+  assert sweep._Runner(spec, module, [kd], jobs=1)._teacher_left() == (0.0, "")
+
+
+def test_eta_counts_the_teacher_stage(tmp_path, capsys):
+  spec, module = _tiny_spec(tmp_path)
+  runs = sweep.plan(spec, module)  # ce, and kd (distils: trains <root>/teacher first)
+  # A finished ce run measured 20 steps per epoch at 4 steps/s; its own stage took 60 s.
+  ce = pathlib.Path(next(r.workdir for r in runs if r.method == "ce"))
+  _finished_run(ce, "resnet8", log="data: digits (device pipeline), 20 steps per epoch, 10 classes\n"
+                                   "step 20/20 (4.00 steps/s, ETA 0.0 min): train_loss=1\n")
+  rundir.write_json(ce / rundir.RUN, {"stages": [{"name": "student", "wall_s": 60.0}]})
+  runner = sweep._Runner(spec, module, runs, jobs=1)
+  # The teacher config (tiny.py:ce) trains 1 epoch at batch 128 (the student's batch too): 20 steps at the
+  # measured 4 steps/s is 5 s, plus one run of 60 s left.
+  teacher_config = sweep.config_lib.load_config_file(f"{spec['config']}:ce")
+  steps = teacher_config.schedule.epochs * 20 * module.get_config("kd").schedule.batch_size \
+      / teacher_config.schedule.batch_size
+  assert runner._teacher_left() == (pytest.approx(steps / 4.0), "1 epochs at a student's step rate")
+  assert runner._eta() == (f"ETA {(60 + steps / 4.0) / 60:.1f} min (runs take 1.0 min, the teacher stage "
+                           f"{steps / 4.0 / 60:.1f} min more (1 epochs at a student's step rate))")
+  # Once the teacher trains, its own log gives its rate: 30 of 100 steps done at 2 steps/s.
+  teacher = pathlib.Path(sweep.teacher_dir(spec))
+  teacher.mkdir(parents=True)
+  (teacher / "log.txt").write_text("step 30/100 (2.00 steps/s, ETA 0.6 min): train_loss=1\n")
+  assert runner._teacher_left() == (35.0, "its own step rate")
