@@ -40,6 +40,7 @@ SKIP: dict[tuple[str, str], str] = {}
 SETUP_PROGRAMS = ("pip", "pip3")
 SHELL_PROGRAMS = ("cd", "export", "echo")
 REPO_FOLDERS = ("configs/", "bench/", "notebooks/", "tests/", "results/", "docs/", "nst_jax/")
+OUTPUT_OPTIONS = ("--workdir", "--root", "--out", "--export")  # What they name may not exist yet.
 HELP_WORKERS = 4
 TIMEOUT_S = 300
 
@@ -127,9 +128,10 @@ def _check_command(command: list[str]) -> tuple[list[str], tuple[str, str] | Non
       methods = getattr(config_lib.load_config_module(str(ROOT / path)), "METHODS", ())
       if method not in methods:
         problems.append(f"{path} has no method {method!r} (its METHODS: {', '.join(methods)})")
-  for arg in args:
+  for previous, arg in zip(["", *args], args, strict=False):
     value = arg.split("=", 1)[-1]
-    if value.startswith(REPO_FOLDERS) and not (ROOT / value.split(":")[0]).exists():
+    is_output = previous in OUTPUT_OPTIONS or arg.split("=", 1)[0] in OUTPUT_OPTIONS
+    if value.startswith(REPO_FOLDERS) and not is_output and not (ROOT / value.split(":")[0]).exists():
       problems.append(f"missing path {value}")
   return problems, help_target
 
