@@ -8,7 +8,8 @@
 * `load_run(workdir)`: the config of a finished run, read back from its config.json.
 * `check(config)`: every key with a fixed set of choices or a valid range, checked before any work is
   done, so a bad value is one `ConfigError` naming the key and the valid choices (unknown kernel, model,
-  dtype, ...; learning rate > 0, weights >= 0, epochs >= 1, temperature > 0, batch >= 1, ...).
+  dtype, ...; learning rate > 0, weights >= 0, epochs >= 1, temperature > 0, batch >= 1 and a multiple of
+  the device count, ...).
 * `resolve_paths(config, workdir)`: relative paths made absolute by the documented rules, so a run works
   from any directory.
 * `suggest(key, valid)`: the nearest valid keys for a misspelt one.
@@ -32,6 +33,7 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -81,7 +83,10 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, or `get_config(arg)` for `path:arg` (as `--config` accepts)."""
   path, _, arg = str(path).partition(":")
   module = load_config_module(path)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (ValueError, TypeError, KeyError) as error:  # e.g. an unknown method after the colon
+    raise ConfigError(f"Config file {path!r}{':' + arg if arg else ''}: {error}") from error
 
 
 def override_texts(args: Sequence[str], usage: str = "") -> dict[str, str]:
@@ -200,6 +205,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   _at_least(config.optim.learning_rate, 0, "optim.learning_rate", strict=True)
   _at_least(config.schedule.epochs, 1, "schedule.epochs", integer=True)
   _at_least(config.schedule.batch_size, 1, "schedule.batch_size", integer=True)
+  try:  # Against the devices of this run, before any data is read or model built.
+    parallel.check_global_batch(config.schedule.batch_size, jax.device_count())
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   _at_least(config.schedule.decay_factor, 0, "schedule.decay_factor", strict=True)
   for epoch in config.schedule.decay_epochs:
     _at_least(epoch, 0, "schedule.decay_epochs", integer=True)

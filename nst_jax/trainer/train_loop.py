@@ -16,6 +16,13 @@ top-1 / top-5, the per-epoch history of evaluation and mean train metrics, the t
 (the in-memory pipeline is a pure function of seed and step), so a resumed run reproduces an
 uninterrupted one bitwise on CPU. A workdir that this command created is removed again if the stage
 fails before its first step.
+
+Faults: one process per workdir (`rundir.lock`, taken before anything is written there; a second command
+on it stops at once with one line naming the holder). A checkpoint that fails to read is moved aside and
+the stage resumes from the newest one that reads (`checkpoints.Checkpointer.restore_newest_readable`).
+A file-system failure (unwritable or impossible folder, full disk) ends the command with one
+`rundir.RunDirError` line naming the path and its role. A command whose run already finished with the
+same config says so and builds nothing.
 """
 
 import dataclasses
@@ -34,7 +41,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from nst_jax import models
 from nst_jax import objective as objective_lib
@@ -97,15 +106,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Raises `Preempted` after a SIGTERM / SIGINT has been saved, `config_lib.ConfigError` for a config
   that cannot run (before any work), FloatingPointError on a non-finite loss.
   """
+  finished = _already_finished(config, workdir)
+  if finished is not None:
+    return finished
   stages = plan(config, workdir, teacher_overrides)
+  places = _places(stages)
+  for stage in stages:  # Before anything is built: a folder that cannot be written is one line now.
+    rundir.check_writable(stage.workdir, _role(stage))
   # One handler for the whole command, so a signal during the teacher stage also ends the student's.
   uninstall = (checkpoints.install_preemption_handler() if jax.process_count() == 1 else lambda: None)
-  timings = []
+  timings, stage = [], stages[0]
   try:
     for stage in stages:
       results = run_stage(stage, timings)
+  except (Preempted, config_lib.ConfigError, rundir.RunDirError, checkpoints.CheckpointReadError):
+    raise
+  except Exception as error:
+    os_error = rundir.find_os_error(error)  # Orbax re-raises a failed write as its own exception types.
+    if os_error is None:
+      raise
+    raise rundir.RunDirError(rundir.os_error_line(os_error, places, fallback=stage.workdir)) from error
   finally:
     uninstall()
+  return results
+
+
+def _role(stage: Stage) -> str:
+  if stage.name == "student":
+    return "the workdir, --workdir"
+  return "the teacher's workdir, config.teacher.workdir"
+
+
+def _places(stages: list[Stage]) -> dict[str, str]:
+  """What each folder a command touches is to the user, for one-line file-system errors."""
+  places = {_role(stage): stage.workdir for stage in stages}
+  data = stages[-1].config.data
+  # The data cache's default is `sources`' own: $NST_JAX_CACHE_DIR, else ~/.cache/nst_jax.
+  places["the data cache, config.data.cache_dir"] = data.cache_dir or os.environ.get(
+      "NST_JAX_CACHE_DIR", os.path.expanduser(os.path.join("~", ".cache", "nst_jax")))
+  for key in ("path", "data_dir", "manual_dir"):
+    if data[key]:
+      places[f"config.data.{key}"] = data[key]
+  return places
+
+
+def _already_finished(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The results of a finished run in `workdir` with this very config (its config.json), else None; a
+  finished run with another config (more epochs, say) goes on as a resumed one."""
+  workdir = os.path.abspath(workdir)
+  results = rundir.read_results(workdir)
+  if results is None:
+    return None
+  resolved = json.loads(config_lib.resolve_paths(config, workdir).to_json_best_effort())
+  if resolved != rundir.read_config(workdir):
+    return None
+  _setup_logging(None)
+  logger.info(f"already finished: last top-1 {results['last_top1']:.2f}%, best {results['best_top1']:.2f}% "
+              f"(epoch {results['best_epoch']}); results in {os.path.join(workdir, rundir.RESULTS)}. "
+              "Nothing to train (a new --workdir trains again).")
   return results
 
 
@@ -267,19 +325,37 @@ def run_stage(stage: Stage, timings: list | None = None) -> dict:
     started, wall_start = time.time(), time.perf_counter()
     created = not os.path.exists(stage.workdir)
     _setup_logging(None)
-    setup = _build(stage.config)
-    os.makedirs(stage.workdir, exist_ok=True)
-    clock = _Rate(setup.total_steps)
+    lock = _lock(stage)  # Before anything is written: a second command on this workdir stops here.
+    clock = None
     try:
+      setup = _build(stage.config)
+      clock = _Rate(setup.total_steps)
       results, start_step, step = _train(stage, setup, clock)
+      wall, ended = time.perf_counter() - wall_start, time.time()
+      timings.append({"name": stage.name, "workdir": stage.workdir, "start": started, "end": ended,
+                      "wall_s": wall, "steps": step - start_step})
+      return _finish(stage, results, step, timings)
     except BaseException:
-      if created and clock.first is None and jax.process_index() == 0:
+      if created and (clock is None or clock.first is None) and jax.process_index() == 0:
         shutil.rmtree(stage.workdir, ignore_errors=True)  # Nothing was trained: leave no half-made workdir.
       raise
-  wall, ended = time.perf_counter() - wall_start, time.time()
-  timings.append({"name": stage.name, "workdir": stage.workdir, "start": started, "end": ended,
-                  "wall_s": wall, "steps": step - start_step})
-  return _finish(stage, results, step, timings)
+    finally:
+      lock.release()
+
+
+def _lock(stage: Stage) -> rundir.RunLock:
+  """The stage's workdir lock, held by process 0 (every process learns whether it got it)."""
+  if jax.process_count() == 1:
+    return rundir.lock(stage.workdir)
+  held, busy = rundir.RunLock(stage.workdir, None), None
+  if jax.process_index() == 0:
+    try:
+      held = rundir.lock(stage.workdir)
+    except rundir.WorkdirBusy as error:
+      busy = error
+  if not multihost_utils.broadcast_one_to_all(np.int32(busy is None)):
+    raise busy or rundir.WorkdirBusy(f"{stage.workdir} is in use by another run (found by process 0).")
+  return held
 
 
 def _log_start(stage: Stage, setup: _Setup):
@@ -293,11 +369,18 @@ def _log_start(stage: Stage, setup: _Setup):
 
 
 def _restore(ckpt: checkpoints.Checkpointer, setup: _Setup):
-  """(state, start step, results, window): from the latest checkpoint, or a fresh start."""
+  """(state, start step, results, window): from the newest checkpoint that reads, or a fresh start when
+  there never was one. Damaged checkpoints are moved aside, each with a warning."""
   results = {"epochs": [], "best_top1": 0.0, "best_top5": 0.0, "best_epoch": 0, "finished": False}
-  if ckpt.latest_step() is None:
+
+  def damaged(step, moved_to, error):
+    logger.warning(f"checkpoint {step} cannot be read ({error}); moved aside to {moved_to}, trying the "
+                   "one before it")
+
+  restored = ckpt.restore_newest_readable(setup.state, damaged)
+  if restored is None:
     return setup.state, 0, results, _Window()
-  state, metadata = ckpt.restore(setup.state)
+  state, metadata, _ = restored
   start_step = int(metadata["step"])
   logger.info(f"resumed from step {start_step} (epoch {start_step / setup.steps_per_epoch:.2f})")
   return state, start_step, metadata["results"], _Window(metadata.get("epoch_sums"),
@@ -416,8 +499,8 @@ def _finish(stage: Stage, results: dict, step: int, timings: list) -> dict:
   if not results["finished"]:
     # Multi-process runs stop at JAX's preemption sync point, which SIGTERM triggers.
     signal_name = checkpoints.preemption_signal() or "SIGTERM"
-    logger.info(f"{signal_name}: saved step {step} of the {stage.name} stage and stopping; run the same "
-                "command to resume")
+    logger.info(f"{signal_name}: saved step {step} of the {stage.name} stage ({stage.workdir}) and stopping; "
+                f"run the same command to resume the {stage.name} stage")
     raise Preempted(signal_name, stage.name, stage.workdir, step)
   _write_json(os.path.join(stage.workdir, rundir.RESULTS), results)
   logger.info(f"done: last top-1 {results['last_top1']:.2f}%, best {results['best_top1']:.2f}% "
