@@ -43,6 +43,13 @@ def parse_pairs(value, key: str) -> tuple[tuple[str, str], ...]:
   return pairs
 
 
+def _one_pair(value, key: str) -> tuple[str, str]:
+  pairs = parse_pairs(value, key)
+  if len(pairs) != 1:
+    raise ValueError(f"{key} must be exactly one student_tap:teacher_tap pair, got {pairs!r}.")
+  return pairs[0]
+
+
 def format_pairs(pairs) -> str:
   """The inverse of `parse_pairs`, for configs."""
   return ",".join(f"{s}:{t}" for s, t in pairs)
@@ -90,7 +97,7 @@ class Objective:
         nst_layers=parse_pairs(distill.nst.layers, "config.distill.nst.layers"), nst_kernel=kernel,
         nst_params=params, nst_resize=distill.nst.resize, nst_unbiased=bool(distill.nst.unbiased),
         fitnet_weight=float(distill.fitnet.weight),
-        fitnet_layer=parse_pairs(distill.fitnet.layer, "config.distill.fitnet.layer")[0],
+        fitnet_layer=_one_pair(distill.fitnet.layer, "config.distill.fitnet.layer"),
         at_weight=float(distill.at.weight), at_p=float(distill.at.p),
         at_layers=parse_pairs(distill.at.layers, "config.distill.at.layers"))
     for name in ("ce_weight", "kd_weight", "nst_weight", "fitnet_weight", "at_weight"):
