@@ -2,10 +2,30 @@
 
 All are pure functions of arrays returning a float32 scalar (float64 for float64 inputs); lower-precision
 inputs (bfloat16) are computed in float32 inside. Every teacher argument is under `stop_gradient`, so
-`jax.grad` never sends a gradient into the teacher. Feature maps are NHWC. Definitions follow
-nst-method.md §2-5; weights are the caller's (the config's) business: nothing here applies the paper's
-lambda / 2.
+`jax.grad` never sends a gradient into the teacher. Definitions follow nst-method.md §2-5; weights are
+the caller's (the config's) business: nothing here applies the paper's lambda / 2.
+
+Feature maps are NHWC by default; the feature-map losses (`nst`, `nst_per_image`, `attention`) and
+their helpers take `layout="NCHW"` for maps in PyTorch's layout, with the same value as for the
+transposed NHWC maps. A pair of maps must show one image at two scales (per spatial axis, one size is
+the other's times one common factor, up to a pixel of rounding); any other pair, typically NCHW maps
+read as NHWC, is a ValueError that names the layout.
+
+In your own training step. The settings (`kernel`, `resize`, `unbiased`, `method`, `layout`, the kernel
+parameters) are Python values, not arrays, so under `jax.jit` they must be static. Any of:
+
+    loss = losses.bind(losses.nst, kernel="linear")        # hashable, a pytree with no leaves
+    jax.jit(loss)(s, t)                                    # or pass `loss` into a jitted function,
+    jax.tree_util.Partial(loss)                            # or inside a Partial
+    jax.jit(losses.nst, static_argnames=losses.STATIC_ARGNAMES)(s, t, kernel="linear")
+    jax.jit(functools.partial(losses.nst, kernel="linear"))(s, t)
+
+(`jax.jit(losses.nst)(s, t, kernel="linear")` fails: jit reads "linear" as an array argument.)
 """
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +37,10 @@ from nst_jax import kernels
 Array = jax.Array
 
 RESIZE_POLICIES = ("pool", "interpolate", "error")
+LAYOUTS = ("NHWC", "NCHW")
+# The settings of the losses here, static under jax.jit (see the module docstring).
+STATIC_ARGNAMES = ("kernel", "resize", "unbiased", "method", "layout", "degree", "c", "sigma2", "p",
+                   "temperature")
 
 # F.normalize's epsilon: a channel whose L2 norm is below it is divided by eps instead.
 NORM_EPS = 1e-12
@@ -91,14 +115,52 @@ def match_spatial(student: Array, teacher: Array, resize: str = "pool") -> tuple
   return up(student), up(teacher)
 
 
-def _check_feature_pair(student: Array, teacher: Array, loss: str) -> tuple[Array, Array]:
-  student, teacher = jnp.asarray(student), jnp.asarray(teacher)
+def to_nhwc(feat: Array, layout: str = "NHWC") -> Array:
+  """A rank-4 map in `layout` ("NHWC" or "NCHW") as NHWC."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"Unknown layout {layout!r}. Valid layouts: {', '.join(LAYOUTS)}.")
+  feat = jnp.asarray(feat)
+  if layout == "NCHW" and feat.ndim == 4:
+    return jnp.transpose(feat, (0, 2, 3, 1))
+  return feat
+
+
+def one_scale(student_hw: tuple[int, int], teacher_hw: tuple[int, int]) -> bool:
+  """Whether two spatial sizes (H, W) can be one image at two scales: one map is at least as large as
+  the other along both axes, and one factor f takes the larger onto the smaller along both, each axis
+  to within a pixel (|large / f - small| <= 1, which covers the rounding of strided layers)."""
+  (hs, ws), (ht, wt) = student_hw, teacher_hw
+  if hs >= ht and ws >= wt:
+    pairs = ((hs, ht), (ws, wt))
+  elif hs <= ht and ws <= wt:
+    pairs = ((ht, hs), (wt, ws))
+  else:
+    return False
+  low = max(large / (small + 1) for large, small in pairs)
+  high = min(large / (small - 1) if small > 1 else float("inf") for large, small in pairs)
+  return low <= high
+
+
+def _check_feature_pair(student: Array, teacher: Array, loss: str, layout: str = "NHWC",
+                        resize: str = "pool") -> tuple[Array, Array]:
+  """The pair as NHWC arrays, or a ValueError naming what cannot be right about it in `layout`."""
+  student, teacher = to_nhwc(student, layout), to_nhwc(teacher, layout)
   if student.ndim != 4 or teacher.ndim != 4:
-    raise ValueError(f"{loss}: feature maps must be NHWC (rank 4), got student shape {student.shape} "
+    raise ValueError(f"{loss}: feature maps must be {layout} (rank 4), got student shape {student.shape} "
                      f"and teacher shape {teacher.shape}.")
   if student.shape[0] != teacher.shape[0]:
     raise ValueError(f"{loss}: student and teacher batch sizes differ: {student.shape[0]} vs "
                      f"{teacher.shape[0]} (shapes {student.shape} and {teacher.shape}).")
+  (hs, ws), (ht, wt) = student.shape[1:3], teacher.shape[1:3]
+  if resize != "error" and not one_scale((hs, ws), (ht, wt)):
+    other = "NCHW" if layout == "NHWC" else "NHWC"
+    shapes = [tuple(jnp.shape(x)) for x in (student, teacher)]
+    if layout == "NCHW":
+      shapes = [(b, c, h, w) for b, h, w, c in shapes]
+    raise ValueError(
+        f"{loss}: read as {layout}, the student map (shape {shapes[0]}) is {hs}x{ws} and the teacher map "
+        f"(shape {shapes[1]}) is {ht}x{wt}, which cannot be one image at two scales (no common factor "
+        f"along H and W); if the maps are {other}, pass layout={other!r}.")
   return student, teacher
 
 
@@ -106,8 +168,10 @@ def _check_feature_pair(student: Array, teacher: Array, loss: str) -> tuple[Arra
 # Losses.
 
 
-def channel_distributions(feat: Array) -> Array:
-  """NHWC (B, H, W, C) -> (B, C, H*W): one L2-normalised row per channel, in float32 or wider."""
+def channel_distributions(feat: Array, layout: str = "NHWC") -> Array:
+  """NHWC (B, H, W, C) (or NCHW with `layout`) -> (B, C, H*W): one L2-normalised row per channel, in
+  float32 or wider."""
+  feat = to_nhwc(feat, layout)
   b, h, w, c = feat.shape
   rows = feat.astype(_compute_dtype(feat)).reshape(b, h * w, c)
   return jnp.swapaxes(l2_normalize(rows, axis=1), 1, 2)
@@ -129,11 +193,12 @@ def _normalized_channel_dots(fs: Array, ft: Array) -> tuple[Array, Array, Array]
   return gss * jnp.outer(rs, rs), gtt * jnp.outer(rt, rt), gst * jnp.outer(rs, rt)
 
 
-def nst_per_image(student_feat: Array, teacher_feat: Array, *, kernel: str | kernels.Kernel = "polynomial",
-                  resize: str = "pool", unbiased: bool = False, method: str = "auto", **params) -> Array:
+def nst_per_image(student_feat: Array, teacher_feat: Array, kernel: str | kernels.Kernel = "polynomial", *,
+                  resize: str = "pool", unbiased: bool = False, method: str = "auto", layout: str = "NHWC",
+                  **params) -> Array:
   """(B,) squared MMD between the L2-normalised channel maps of each image of a student (B, H, W, C_s)
   and a teacher (B, H', W', C_t) feature map; their mean is `nst`. Arguments as `nst`."""
-  student, teacher = _check_feature_pair(student_feat, teacher_feat, "nst")
+  student, teacher = _check_feature_pair(student_feat, teacher_feat, "nst", layout, resize)
   teacher = jax.lax.stop_gradient(teacher)
   student, teacher = match_spatial(student, teacher, resize)
   b, h, w, cs = student.shape
@@ -154,21 +219,27 @@ def nst_per_image(student_feat: Array, teacher_feat: Array, *, kernel: str | ker
   return jax.vmap(lambda x, y: kernels.mmd2(x, y, kernel, unbiased=unbiased, method=method, **params))(X, Y)
 
 
-def nst(student_feat: Array, teacher_feat: Array, *, kernel: str | kernels.Kernel = "polynomial",
-        resize: str = "pool", unbiased: bool = False, method: str = "auto", **params) -> Array:
+def nst(student_feat: Array, teacher_feat: Array, kernel: str | kernels.Kernel = "polynomial", *,
+        resize: str = "pool", unbiased: bool = False, method: str = "auto", layout: str = "NHWC",
+        **params) -> Array:
   """Neuron Selectivity Transfer loss: the batch mean of the per-image squared MMD between the
   L2-normalised channel maps of a student (B, H, W, C_s) and a teacher (B, H', W', C_t) feature map.
 
   Args:
-    student_feat, teacher_feat: NHWC maps; channel counts may differ, spatial sizes are matched by
-      `resize` ("pool", "interpolate" or "error"). The teacher is under stop_gradient.
-    kernel: "linear", "polynomial"/"poly" (degree 2, c 0 by default), "gaussian", or a pairwise callable.
+    student_feat, teacher_feat: NHWC maps (NCHW with `layout="NCHW"`); channel counts may differ,
+      spatial sizes are matched by `resize` ("pool", "interpolate" or "error"). The teacher is under
+      stop_gradient.
+    kernel: "linear", "polynomial"/"poly" (degree 2, c 0 by default), "gaussian", or a pairwise callable;
+      the one setting that may also be given by position.
     unbiased: U-statistic instead of the default V-statistic.
     method: how MMD^2 is computed (see `kernels`); "auto" picks the cheapest exact form per layer.
+    layout: "NHWC" (default) or "NCHW" (PyTorch's): the value is the same for a map and its transpose.
     **params: kernel parameters (`degree`, `c`, `sigma2`).
+
+  Under `jax.jit` the settings must be static: see the module docstring (`bind`, `STATIC_ARGNAMES`).
   """
-  return jnp.mean(nst_per_image(student_feat, teacher_feat, kernel=kernel, resize=resize, unbiased=unbiased,
-                                method=method, **params))
+  return jnp.mean(nst_per_image(student_feat, teacher_feat, kernel, resize=resize, unbiased=unbiased,
+                                method=method, layout=layout, **params))
 
 
 def kd(student_logits: Array, teacher_logits: Array, temperature: float = 4.0) -> Array:
@@ -186,16 +257,19 @@ def kd(student_logits: Array, teacher_logits: Array, temperature: float = 4.0) -
   return temperature**2 * jnp.mean(kl)
 
 
-def attention_map(feat: Array, p: float = 2) -> Array:
+def attention_map(feat: Array, p: float = 2, layout: str = "NHWC") -> Array:
   """Zagoruyko's spatial attention: L2-normalise(flatten(mean over channels of |f|^p)), (B, H*W)."""
+  feat = to_nhwc(feat, layout)
   f = feat.astype(_compute_dtype(feat))
   am = jnp.mean(jnp.abs(f) ** p, axis=-1)
   return l2_normalize(am.reshape(am.shape[0], -1), axis=1)
 
 
-def attention(student_feat: Array, teacher_feat: Array, p: float = 2, resize: str = "pool") -> Array:
-  """Attention transfer: mean((a_s - a_t)^2) over batch and positions (RepDistiller's AT)."""
-  student, teacher = _check_feature_pair(student_feat, teacher_feat, "attention")
+def attention(student_feat: Array, teacher_feat: Array, p: float = 2, resize: str = "pool",
+              layout: str = "NHWC") -> Array:
+  """Attention transfer: mean((a_s - a_t)^2) over batch and positions (RepDistiller's AT). Maps NHWC, or
+  NCHW with `layout="NCHW"`."""
+  student, teacher = _check_feature_pair(student_feat, teacher_feat, "attention", layout, resize)
   if not p > 0:
     raise ValueError(f"attention: p must be > 0, got {p!r}.")
   student, teacher = match_spatial(student, jax.lax.stop_gradient(teacher), resize)
@@ -204,7 +278,8 @@ def attention(student_feat: Array, teacher_feat: Array, p: float = 2, resize: st
 
 def fitnet(student_hint: Array, teacher_feat: Array) -> Array:
   """FitNet hint loss: mean squared error between the (already regressed) student hint and the
-  teacher map. The regressor is a student-side module (see the model zoo / train step)."""
+  teacher map. The regressor is a student-side module (see the model zoo / train step). An elementwise
+  mean over equal shapes: the same in any layout."""
   s, t = jnp.asarray(student_hint), jnp.asarray(teacher_feat)
   if s.shape != t.shape:
     raise ValueError(f"fitnet: the regressed student hint must have the teacher map's shape, got "
@@ -223,3 +298,33 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     raise ValueError(f"cross_entropy: labels must be integer class indices, got dtype {labels.dtype}.")
   logits = logits.astype(_compute_dtype(logits))
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings bound once, for jit.
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class BoundLoss:
+  """A loss with its settings bound: call it with the arrays only. Hashable, and a pytree with no
+  leaves, so it can be jitted, passed as an argument of a jitted function, or put in a
+  `jax.tree_util.Partial` (whose other arguments are leaves: no strings there)."""
+
+  loss: Callable[..., Array]
+  settings: tuple[tuple[str, Any], ...] = ()
+
+  def __call__(self, *arrays: Array) -> Array:
+    return self.loss(*arrays, **dict(self.settings))
+
+
+def bind(loss: Callable[..., Array], **settings) -> BoundLoss:
+  """`loss` (any function here) with keyword `settings` fixed, e.g. `bind(nst, kernel="linear",
+  layout="NCHW")`; the settings must be hashable (strings, numbers, bools, functions)."""
+  frozen = tuple(sorted(settings.items()))
+  try:
+    hash(frozen)
+  except TypeError:
+    raise TypeError(f"bind: settings must be hashable (strings, numbers, functions), got "
+                    f"{ {k: type(v).__name__ for k, v in settings.items()} }.") from None
+  return BoundLoss(loss, frozen)
