@@ -194,9 +194,17 @@ def check(config: ml_collections.ConfigDict) -> None:
   _choice(config.conv_impl, conv.IMPLS, "conv_impl")
   _choice(config.teacher.batchnorm, train.TEACHER_BATCHNORM_MODES, "teacher.batchnorm")
   valid_models = models.list_models()
-  _choice(config.student.model, valid_models, "student.model")
-  if config.teacher.model:
-    _choice(config.teacher.model, valid_models, "teacher.model")
+  for key in ("student.model", "teacher.model"):
+    name = get(config, key)
+    if key == "teacher.model" and not name:
+      continue
+    if not models.is_import_path(name):
+      _choice(name, valid_models, key)
+      continue
+    try:  # An import path `package.module:attr`: imported now, so a bad one fails before any work.
+      models.resolve(name)
+    except ValueError as error:
+      raise ConfigError(f"config.{key}: {error}") from None
   _choice(config.distill.nst.kernel, list(kernels.KERNELS), "distill.nst.kernel")
   for key in ("distill.ce_weight", "distill.kd_weight", "distill.nst.weight", "distill.fitnet.weight",
               "distill.at.weight", "optim.weight_decay", "optim.momentum"):

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from nst_jax import models
+from nst_jax import models, taps
 from nst_jax import objective as objective_lib
 from nst_jax.models import conv
 from nst_jax.trainer import checkpoints, config_lib, parallel, rundir, train
@@ -167,13 +167,58 @@ def _already_finished(config: ml_collections.ConfigDict, workdir: str) -> dict |
   return results
 
 
+def _layer_pairs(objective: objective_lib.Objective) -> list[tuple[str, tuple[str, str]]]:
+  """(term, (student tap, teacher tap)) of every layer pair the objective computes (weight > 0)."""
+  return ([("nst", p) for p in objective.nst_layers] if objective.nst_weight > 0 else []) + (
+      [("at", p) for p in objective.at_layers] if objective.at_weight > 0 else []) + (
+      [("fitnet", objective.fitnet_layer)] if objective.uses_fitnet else [])
+
+
+def build_model(config, role: str, num_classes: int, image_shape, axis_name: str | None = None) -> nn.Module:
+  """`config.<role>.model` (role "student" or "teacher"). A zoo model as it is; a user's model (import
+  path or registered name) wrapped in `taps.Tapped` with the taps the objective's layer pairs name on its
+  side. The wrapper keeps the model's variable tree, so a teacher trained in a run without pairs loads
+  into it; its logits must have `num_classes` entries."""
+  name = config[role].model
+  dtype = config_lib.DTYPES[config.dtype]
+  if models.is_zoo(name):
+    return models.get_model(name, num_classes, dtype=dtype, axis_name=axis_name)
+  side = 0 if role == "student" else 1
+  wanted = tuple(dict.fromkeys(pair[side] for _, pair in _layer_pairs(config_lib.objective(config))))
+  model = models.get_model(name, num_classes, taps=wanted, dtype=dtype, axis_name=axis_name)
+  sample = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  logits, _ = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], sample)
+  if getattr(logits, "shape", None) != (1, num_classes):
+    raise config_lib.ConfigError(
+        f"config.{role}.model {name!r}: its output for one image of shape {tuple(image_shape)} is "
+        f"{getattr(logits, 'shape', type(logits).__name__)}, not the logits (1, {num_classes}) of the data's "
+        f"{num_classes} classes (does it take num_classes?).")
+  return model
+
+
 def _check_objective(config):
-  """The objective's weights and layer names against the models' taps (from shapes only)."""
+  """The objective's weights and layer names against the models' taps (from shapes only): a zoo model's
+  tap names, a user's model's module paths and own features (`taps.list_taps`)."""
   size = config.data.image_size or 224
-  tap_names = lambda name: list(models.tap_shapes(models.get_model(name, 10), (size, size, 3)))  # noqa: E731
+  shape = (size, size, 3)
+  objective = config_lib.objective(config)
+
+  def tap_names(role):
+    name = config[role].model
+    if models.is_zoo(name):
+      return list(models.tap_shapes(models.get_model(name, 10), shape))
+    available = list(taps.list_taps(models.get_model(name, 10), shape))
+    for term, pair in _layer_pairs(objective):  # The nearest paths, among a model's many.
+      tap = pair[0 if role == "student" else 1]
+      if tap not in available:
+        raise config_lib.ConfigError(f"config.distill.{term}: {role} layer " + taps.unknown_tap_message(
+            tap, available, f"the {role} model {name!r}"))
+    return available
+
   try:
-    config_lib.objective(config).check_taps(
-        tap_names(config.student.model), tap_names(config.teacher.model) if config.teacher.model else None)
+    objective.check_taps(tap_names("student"), tap_names("teacher") if config.teacher.model else None)
+  except config_lib.ConfigError:
+    raise
   except ValueError as error:
     raise config_lib.ConfigError(str(error)) from None
 
@@ -181,13 +226,12 @@ def _check_objective(config):
 def build_student(config, num_classes: int, image_shape, axis_name: str | None = None) -> nn.Module:
   """The module a run trains and its checkpoint holds: the student, or with FitNet the student with its
   regressor onto the teacher's map (`objective.student_module`), so the checkpoint fits it entry by entry."""
-  dtype = config_lib.DTYPES[config.dtype]
-  student = models.get_model(config.student.model, num_classes, dtype=dtype, axis_name=axis_name)
+  student = build_model(config, "student", num_classes, image_shape, axis_name)
   objective = config_lib.objective(config)
   teacher_shapes = None
   if objective.uses_fitnet:
-    teacher = models.get_model(config.teacher.model, num_classes, dtype=dtype, axis_name=axis_name)
-    teacher_shapes = models.tap_shapes(teacher, image_shape)
+    teacher_shapes = models.tap_shapes(build_model(config, "teacher", num_classes, image_shape, axis_name),
+                                       image_shape)
   return objective_lib.student_module(student, objective, teacher_shapes)
 
 
@@ -290,10 +334,10 @@ def _build(config) -> _Setup:
   runner = parallel.Runner(config.parallel, mesh)
   per_device = parallel.check_global_batch(config.schedule.batch_size, mesh.devices.size)
   data = data_lib.build(config, mesh)
-  dtype, axis = config_lib.DTYPES[config.dtype], runner.axis_name
+  axis = runner.axis_name
   objective = config_lib.objective(config)
-  student = models.get_model(config.student.model, data.num_classes, dtype=dtype, axis_name=axis)
-  teacher = (models.get_model(config.teacher.model, data.num_classes, dtype=dtype, axis_name=axis)
+  student = build_model(config, "student", data.num_classes, data.image_shape, axis)
+  teacher = (build_model(config, "teacher", data.num_classes, data.image_shape, axis)
              if config.teacher.model else None)
   teacher_taps = models.tap_shapes(teacher, data.image_shape) if teacher else None
   objective.check_taps(list(models.tap_shapes(student, data.image_shape)),
