@@ -226,8 +226,9 @@ class Choice(NamedTuple):
 DEFAULT_CHOICE = Choice(dx="xla", dw="concat")
 
 # The bound on the concatenated copy of the "concat" kernel gradient, per chunk of the batch: the largest
-# divisor of the batch whose copy fits (one image at least, however large). Chunks of 2-8 MiB (within the
-# last-level cache) ran 1.5-2x faster than the whole batch at once at 32x32 (bench/conv.py --forms).
+# divisor of the batch whose copy fits (one image at least, however large). Bounds of 1-16 MiB (chunks
+# within the last-level cache) ran 2-3x faster than 64 MiB or the whole batch at once (151 MiB for 64
+# images at 32x32 with 64 channels), and alike within noise of each other, for the CIFAR ResNets' shapes.
 CONCAT_CHUNK_BYTES = 4 * 2**20
 
 _table_source: str | os.PathLike | Mapping | None = None  # None: $NST_JAX_CONV_TABLE, else TABLE_FILE.
