@@ -146,8 +146,8 @@ class Tapped(nn.Module):
                          "outside it (one that consumes its output, or its parent) instead.")
       outputs = calls.get(path)
       if not index and outputs is not None and len(outputs) > 1:
-        raise ValueError(f"Tap {name!r}: {type(self.model).__name__} calls that submodule {len(outputs)} times "
-                         f"per forward pass; name one call: "
+        raise ValueError(f"Tap {name!r}: {type(self.model).__name__} calls that submodule {len(outputs)} "
+                         f"times per forward pass; name one call: "
                          f"{', '.join(f'{name}{CALL_MARK}{i}' for i in range(len(outputs)))}.")
       if name not in available or outputs is None:
         raise ValueError(unknown_tap_message(name, available, type(self.model).__name__))

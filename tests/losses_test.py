@@ -1,5 +1,7 @@
 """Tests of nst_jax.losses against the NumPy references of tests/np_reference.py."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,3 +218,108 @@ def test_nst_per_image_is_the_double_sum_formula_after_pooling(kernel, unbiased)
   s, t = ref.match(student, teacher, "pool")
   expected = [ref.mmd2(ref.channel_rows(s[b]), ref.channel_rows(t[b]), kernel, unbiased) for b in range(2)]
   np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# In a user's own step: the kernel by position, layouts, jit.
+
+
+def test_kernel_may_be_given_by_position():
+  s, t = _maps((2, 4, 4, 6), (2, 4, 4, 5), seed=20, relu=True)
+  for kernel in ("linear", "gaussian"):
+    assert float(losses.nst(s, t, kernel)) == float(losses.nst(s, t, kernel=kernel))
+    np.testing.assert_array_equal(losses.nst_per_image(s, t, kernel),
+                                  losses.nst_per_image(s, t, kernel=kernel))
+  np.testing.assert_allclose(losses.nst(s, t, "linear"), ref.nst(s, t, "linear"), rtol=2e-4)
+
+
+@pytest.mark.parametrize("s_shape,t_shape,resize", [
+    ((2, 8, 6, 5), (2, 4, 3, 7), "pool"),
+    ((2, 4, 4, 3), (2, 8, 8, 6), "interpolate"),
+    ((3, 5, 5, 4), (3, 5, 5, 4), "pool"),
+])
+def test_nchw_layout_equals_nhwc_of_the_transposed_maps(s_shape, t_shape, resize):
+  s, t = _maps(s_shape, t_shape, seed=21, relu=True)
+  to_nchw = lambda a: np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2)))  # noqa: E731
+  for kernel, params in KERNELS:
+    expected = ref.nst(s, t, kernel, resize, **params)  # the NumPy reference, NHWC
+    got = losses.nst(to_nchw(s), to_nchw(t), kernel, resize=resize, layout="NCHW", **params)
+    np.testing.assert_allclose(got, expected, rtol=2e-4, atol=1e-6, err_msg=kernel)
+    np.testing.assert_allclose(
+        losses.nst_per_image(to_nchw(s), to_nchw(t), kernel, resize=resize, layout="NCHW", **params),
+        losses.nst_per_image(s, t, kernel, resize=resize, **params), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(losses.attention(to_nchw(s), to_nchw(t), resize=resize, layout="NCHW"),
+                             ref.attention(s, t, 2, resize), rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(losses.channel_distributions(to_nchw(s), layout="NCHW"),
+                             losses.channel_distributions(s), rtol=1e-6)
+
+
+def test_nchw_maps_read_as_nhwc_are_an_error_naming_the_layout():
+  # PyTorch-style (B, C, H, W) maps of a 64- and a 128-channel layer at 8 x 8: read as NHWC they are
+  # 64 x 8 and 128 x 8 "images", which no single scale factor relates.
+  s, t = _maps((2, 64, 8, 8), (2, 128, 8, 8), seed=22, relu=True)
+  for loss in (losses.nst, losses.nst_per_image, losses.attention):
+    with pytest.raises(ValueError, match=r"read as NHWC, the student map \(shape \(2, 64, 8, 8\)\) is 64x8 "
+                                         r"and the teacher map \(shape \(2, 128, 8, 8\)\) is 128x8, .* "
+                                         r"pass layout='NCHW'"):
+      loss(s, t)
+  assert np.isfinite(float(losses.nst(s, t, layout="NCHW")))
+  # NHWC maps given as NCHW: (2, 16, 16, 8) and (2, 8, 8, 16) read as H x W = 16 x 8 and 8 x 16.
+  a, b = _maps((2, 16, 16, 8), (2, 8, 8, 16), seed=23)
+  with pytest.raises(ValueError, match=r"read as NCHW.*shape \(2, 16, 16, 8\).* pass layout='NHWC'"):
+    losses.nst(a, b, layout="NCHW")
+  with pytest.raises(ValueError, match=r"Unknown layout 'HWC'. Valid layouts: NHWC, NCHW"):
+    losses.nst(a, b, layout="HWC")
+  with pytest.raises(ValueError, match=r"feature maps must be NCHW \(rank 4\)"):
+    losses.nst(a[0], b[0], layout="NCHW")
+
+
+@pytest.mark.parametrize("student_hw,teacher_hw,valid", [
+    ((8, 8), (8, 8), True), ((16, 16), (8, 8), True), ((4, 4), (32, 32), True),
+    ((15, 20), (8, 10), True),   # strided layers round 15 / 2 up
+    ((15, 20), (4, 5), True),    # 15 / 4 -> 4 (within a pixel), 20 / 4 = 5
+    ((30, 22), (16, 12), True),  # 'VALID' convolutions, then stride 2
+    ((1, 1), (7, 7), True),      # a pooled map
+    ((8, 6), (4, 4), True),      # the per-axis pooling test above: factors 2 and 1.5 meet within a pixel
+    ((64, 8), (128, 8), False),  # NCHW read as NHWC
+    ((16, 8), (8, 16), False),   # larger along one axis, smaller along the other
+    ((32, 32), (8, 2), False),
+])
+def test_one_scale_hand_cases(student_hw, teacher_hw, valid):
+  assert losses.one_scale(student_hw, teacher_hw) is valid
+  assert losses.one_scale(teacher_hw, student_hw) is valid
+
+
+def test_jit_forms_equal_the_eager_value_and_do_not_retrace():
+  s, t = (jnp.asarray(a) for a in _maps((2, 6, 6, 5), (2, 3, 3, 4), seed=24, relu=True))
+  eager = float(losses.nst(s, t, kernel="gaussian", sigma2=0.5))
+  bound = losses.bind(losses.nst, kernel="gaussian", sigma2=0.5)
+  assert bound == losses.bind(losses.nst, sigma2=0.5, kernel="gaussian") and hash(bound)
+  assert jax.tree.leaves(bound) == []  # a static pytree: no strings become jit arguments
+  traces = []
+
+  @jax.jit
+  def step(loss, s, t):
+    traces.append(1)
+    return loss(s, t)
+
+  partial = jax.tree_util.Partial(bound)
+  forms = {
+      "bind + jit": jax.jit(bound)(s, t),
+      "bind as an argument": step(bound, s, t),
+      "bind in a Partial": step(partial, s, t),
+      "static_argnames": jax.jit(losses.nst, static_argnames=losses.STATIC_ARGNAMES)(
+          s, t, kernel="gaussian", sigma2=0.5),
+      "functools.partial": jax.jit(functools.partial(losses.nst, kernel="gaussian", sigma2=0.5))(s, t),
+  }
+  for name, value in forms.items():
+    np.testing.assert_allclose(float(value), eager, rtol=1e-6, err_msg=name)
+  assert len(traces) == 2  # one trace for the bound loss, one for the Partial (another pytree type)
+  step(losses.bind(losses.nst, kernel="gaussian", sigma2=0.5), s * 2, t)  # an equal binding: no retrace
+  assert len(traces) == 2
+  np.testing.assert_allclose(jax.jit(losses.bind(losses.attention, layout="NCHW"))(
+      jnp.transpose(s, (0, 3, 1, 2)), jnp.transpose(t, (0, 3, 1, 2))), losses.attention(s, t), rtol=1e-6)
+  with pytest.raises(TypeError, match=r"not marked as static"):  # what the module docstring warns of
+    jax.jit(losses.nst)(s, t, kernel="linear")
+  with pytest.raises(TypeError, match=r"bind: settings must be hashable"):
+    losses.bind(losses.nst, kernel=["linear"])

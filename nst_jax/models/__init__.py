@@ -36,6 +36,7 @@ asked for, named by module path (`"layer2/conv2"`, `"Conv_1"`), with the model's
 from, with its SHA-256, for a run's `run.json`.
 """
 
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -145,8 +146,10 @@ def _import(name: str) -> Factory:
     if not hasattr(value, part):
       found = sorted(n for n, v in vars(module).items() if not n.startswith("_") and (
           inspect.isclass(v) and issubclass(v, nn.Module) or inspect.isfunction(v)))
+      close = difflib.get_close_matches(attr, found, n=3, cutoff=0.6)
+      hint = f" Did you mean: {', '.join(close)}?" if close else ""
       raise ValueError(f"Model {name!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has "
-                       f"no attribute {attr!r}. Module classes and functions there: "
+                       f"no attribute {attr!r}.{hint} Module classes and functions there: "
                        f"{', '.join(found) or 'none'}.")
     value = getattr(value, part)
   _check_factory(value, f"Model {name!r}")
