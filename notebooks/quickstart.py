@@ -160,6 +160,20 @@ for name in KERNEL_PARAMS:
         f"student against itself {float(losses.nst(student_feat, student_feat, kernel=name)):.1e}")
 
 # %% [markdown]
+# **Feature taps of any Flax model.** NST compares intermediate maps, and `nst_jax.taps` reads them from any
+# `flax.linen` module by module path, without changing it: `taps.list_taps` lists every tappable path with
+# its output shape, and `taps.Tapped(model, taps=(...))` returns `(logits, {path: map})`. Your own models
+# (see `docs/own-models.md`) are tapped the same way; here, a zoo model's own tap names come first, then
+# its module paths. `python -m nst_jax.tools.taps resnet8` prints the same list.
+
+# %%
+from nst_jax import models, taps
+
+listing = taps.list_taps(models.get_model("resnet8", num_classes=10), (32, 32, 3))
+print(f"{len(listing)} taps; the first 12:")
+print(taps.format_taps(dict(list(listing.items())[:12])))
+
+# %% [markdown]
 # ## 3. Distillation
 #
 # **The teacher** first, in `<SWEEP_ROOT>/teacher`, with `nst_jax.trainer.train_loop.train_and_evaluate`, the
