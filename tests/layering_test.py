@@ -83,7 +83,7 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("module", ["nst_jax.losses", "nst_jax.kernels", "nst_jax.models",
-                                    "nst_jax.objective"])
+                                    "nst_jax.objective", "nst_jax.taps"])
 def test_the_library_imports_light(module):
   code = (f"import sys, {module}; "
           "heavy = ('orbax', 'tensorflow', 'matplotlib', 'scipy', 'nst_jax.trainer', 'nst_jax.tools'); "
