@@ -184,6 +184,7 @@ def test_example_2_trains_the_users_teacher_then_distils(example_run):
   assert record == {role: {"name": f"my_models:{role.title()}", "module": "my_models", "sha256": digest,
                            "file": str(EXAMPLES / "my_models.py")} for role in ("student", "teacher")}
   assert set(json.loads((teacher / "run.json").read_text())["models"]) == {"student"}
+  assert json.loads((student / "config.json").read_text())["imported_models"] == record  # beside the config
 
 
 @pytest.mark.slow

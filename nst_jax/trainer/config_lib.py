@@ -26,7 +26,6 @@ Path rules (relative paths only; absolute ones are kept):
 import ast
 import difflib
 import importlib.util
-import json
 import os
 import pathlib
 import re
@@ -143,8 +142,7 @@ def load_run(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"The run in {workdir!r} has not finished: its {rundir.RESULTS} is missing or not "
                      "marked \"finished\": true, which training writes at its end. Rerun its command to "
                      "finish it, then evaluate.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(rundir.read_config(workdir))
 
 
 def suggest(key: str, valid: Iterable[str], n: int = 3) -> str:

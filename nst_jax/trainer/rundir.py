@@ -54,6 +54,7 @@ ENVIRONMENT = ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "JAX_DEFAULT_MATM
                "CUDA_VISIBLE_DEVICES", "TPU_VISIBLE_CHIPS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 CONFIG, RUN, RESULTS = "config.json", "run.json", "results.json"
+IMPORTED = "imported_models"  # config.json's record of the user's model files (not a config key)
 LOCK = ".lock"  # hidden: readers of results.json and exports never meet it
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]  # the nst_jax package
@@ -181,9 +182,23 @@ def is_finished(workdir: str | os.PathLike) -> bool:
   return read_results(workdir) is not None
 
 
+def config_record(config) -> dict:
+  """What config.json holds: the config as JSON and, for a model imported from the user's own code, its
+  module file and SHA-256 under `IMPORTED` (the same records as run.json's "models"), so the run can be
+  repeated with the very code it ran."""
+  record = json.loads(config.to_json_best_effort())
+  imported = _imported_models(config)
+  if imported:
+    record[IMPORTED] = imported["models"]
+  return record
+
+
 def read_config(workdir: str | os.PathLike) -> dict:
-  """The run's config.json as a dict ({} where it is missing or unreadable)."""
-  return read_json(os.path.join(workdir, CONFIG)) or {}
+  """The run's config as a dict, without the `IMPORTED` record ({} where config.json is missing or
+  unreadable)."""
+  record = read_json(os.path.join(workdir, CONFIG)) or {}
+  record.pop(IMPORTED, None)
+  return record
 
 
 # One run per workdir.

@@ -436,7 +436,7 @@ def _train(stage: Stage, setup: _Setup, clock: "_Rate") -> tuple[dict, int, int]
   config, workdir, runner, data = stage.config, stage.workdir, setup.runner, setup.data
   _setup_logging(workdir)
   _log_start(stage, setup)
-  _write_json(os.path.join(workdir, rundir.CONFIG), json.loads(config.to_json_best_effort()))
+  _write_json(os.path.join(workdir, rundir.CONFIG), rundir.config_record(config))
   ckpt = checkpoints.Checkpointer(workdir, save_every_steps=config.logging.checkpoint_every_steps,
                                   save_every_minutes=config.logging.checkpoint_every_minutes,
                                   keep=config.logging.keep_checkpoints)
