@@ -215,7 +215,8 @@ assert status == 0, f"the sweep failed (exit status {status}); its message is ab
 # **The result table**: top-1 / top-5 accuracy (%) on the evaluation split (digits: the 359 held-out images),
 # "last" at the final epoch, "best" the best epoch's (optimistic: chosen on the same split). One epoch (the
 # small setting) is far from converged; and one seed cannot tell a point of accuracy from seed-to-seed
-# noise: set `SEEDS = "0,1,2"` for mean ± std (the README's sweep example compares `ce` and `kd_nst` so).
+# noise: set `SEEDS = "0,1,2"` for mean ± std (as the sweep example of docs/sweeps.md compares `ce` and
+# `kd_nst`).
 
 # %%
 display(Markdown((SWEEP_ROOT / "results.md").read_text()))
