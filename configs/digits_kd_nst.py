@@ -19,9 +19,9 @@ outputs after their final ReLU, as RepDistiller's NST row. The teacher uses its 
 statistics. Recipe otherwise `configs/default.py`'s: SGD momentum 0.9, weight decay 5e-4, batch 64,
 lr 0.05 x0.1 at epochs 20 and 25 of 30 (660 steps).
 
-Runtime, measured (2026-12-01, 2-core development CPU shared with other work, load average 6-8):
-26 min 17 s for the command with nothing trained yet, of which 17 min 6 s the teacher stage and 8 min 57 s
-this run (`run.json`'s stage timings); 5 min 18 s for the same command on 2026-11-28, a quieter day.
+Runtime on a 2-core CPU with nothing else running: 7 min 37 s for the command with nothing trained yet,
+of which 4 min 50 s the teacher stage and 2 min 43 s this run (`run.json`'s stage timings). A machine
+shared with other work takes several times longer.
 
 Expected validation accuracy: no published number for this setup. Measured (seed 0, 2026-12-01):
 98.05 % top-1 after 30 epochs (best 98.61 % at epoch 14), teacher 98.05 % (best 98.61 %); on
