@@ -6,20 +6,24 @@ independent count (the images decoded with Pillow, resized and normalised in Num
 files' own statistics, the model applied directly); unknown classes and the error paths."""
 
 import json
+import os
+import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from configs import default
 from nst_jax import models
 from nst_jax.tools import evaluate
-from nst_jax.trainer import checkpoints, train_loop
+from nst_jax.trainer import checkpoints
 from tests.trainer.data.resize_reference import bilinear_resize
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRAIN_PER_CLASS, HELD_OUT_PER_CLASS = 20, 30
 
 
@@ -37,18 +41,21 @@ def run(request, tmp_path_factory):
   images = request.getfixturevalue(request.param)  # conftest's ImageFolder; the shared one may skip
   folder, classes = images.path.resolve(), images.classes
   tmp = tmp_path_factory.mktemp("evaluate")
-  config = default.get_config()
-  d = config.data
-  d.name, d.path, d.cache_dir = "image_folder", str(folder), str(tmp / "cache")
-  d.validation_per_class, d.limit_per_class = HELD_OUT_PER_CLASS, TRAIN_PER_CLASS
-  d.image_size, d.augment = 32, "cifar"
-  d.mean, d.std = (), ()  # normalised with the training split's own statistics
-  config.student.model = "resnet8"
-  config.schedule.epochs, config.schedule.decay_epochs, config.schedule.batch_size = 1, (), 64
-  config.logging.checkpoint_every_steps = 1000
-  config.logging.tensorboard = False
   workdir = tmp / "run"
-  train_loop.train_and_evaluate(config, str(workdir))
+  # Trained by the command in a process of its own (one CPU device): in this test process, after other
+  # modules' tests, XLA has been seen to abort in the first training step.
+  overrides = {"data.name": "image_folder", "data.path": folder, "data.cache_dir": tmp / "cache",
+               "data.validation_per_class": HELD_OUT_PER_CLASS, "data.limit_per_class": TRAIN_PER_CLASS,
+               "data.image_size": 32, "data.augment": "cifar",
+               "data.mean": "()", "data.std": "()",  # normalised with the training split's own statistics
+               "student.model": "resnet8", "schedule.epochs": 1, "schedule.decay_epochs": "()",
+               "schedule.batch_size": 64, "logging.checkpoint_every_steps": 1000,
+               "logging.tensorboard": False}
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  command = [sys.executable, str(ROOT / "launch.py"), f"--config={ROOT / 'configs' / 'default.py'}",
+             f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  proc = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
 
   model = models.get_model("resnet8", 10)
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False))
