@@ -25,13 +25,13 @@ Recipe: `configs/default.py`'s optimizer (SGD momentum 0.9, lr 0.05, weight deca
 epoch of 22 steps, no decay; a checkpoint every 5 steps (so that a stopped run has one to resume from);
 no TensorBoard files (importing TensorFlow would cost seconds per run).
 
-Runtime, measured (2026-12-03, 2-core development CPU shared with other work, load average 9-13): the
-sweep command above, SIGKILLed once and resumed (the test suite's fixture), 5 min 30 s for its five runs
-(teacher, 2 x `ce`, 2 x `kd_nst`); most of a run's wall time is Python start-up and compilation.
+Runtime, measured on the 2-core development CPU: 57 s for the sweep command above (five runs: teacher,
+2 x `ce`, 2 x `kd_nst`), SIGKILLed once mid-run and resumed as the test suite's fixture does; most of a
+run's wall time is Python start-up and compilation.
 
 Expected validation accuracy: no published number for this setup. One epoch is far from converged: a
 check of the whole pipeline, not a result (`configs/digits.py` trains 30 epochs). Measured once
-(2026-12-03, the sweep command above): teacher 58.22 % top-1; `ce` 56.27 ± 2.76 % over seeds 0 and 1;
+(the sweep command above): teacher 58.22 % top-1; `ce` 56.27 ± 2.76 % over seeds 0 and 1;
 `kd_nst` 10.03 % (chance): one epoch is too short for a student under the NST term's weight of 50.
 """
 
