@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
   try:
     result = evaluate_run(args.workdir, split=args.split, image_folder=image_folder, overrides=overrides)
   except (ValueError, FileNotFoundError) as error:
-    sys.exit(f"nst_jax.evaluate: {error}")
+    sys.exit(f"nst_jax.tools.evaluate: {error}")
   if jax.process_index() == 0:
     print(json.dumps(result), flush=True)
   return result
