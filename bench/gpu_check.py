@@ -45,7 +45,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KIT = ROOT / ".gpu_kit"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 WHEELS = ("ml_collections==1.1.0",)
-GPU_TESTS = ("tests/kernels_test.py", "tests/losses_test.py", "tests/train_test.py",
+GPU_TESTS = ("tests/kernels_test.py", "tests/losses_test.py", "tests/trainer/train_test.py",
              "tests/models/conv_test.py")
 # Tests that need 8 devices (or pmap over several): there is one GPU.
 MULTI_DEVICE = "not eight_devices and not pmap and not divide_by_devices"
