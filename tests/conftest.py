@@ -1,6 +1,7 @@
 """Test-session set-up and the fixtures shared across modules.
 
-* 8 fake CPU devices, set before JAX initialises its backends; one persistent compilation cache.
+* 8 fake CPU devices, set before JAX initialises its backends; a persistent compilation cache for this
+  process (`pytest_configure`).
 * `fast_compilation`: XLA's optimisation passes off, for modules about values rather than speed.
 * `tiny_sweep` (session): `configs/tiny.py` swept by the real command (`ce` and `kd_nst`, seeds 0 and 1,
   one shared teacher, SIGKILLed once mid-run and resumed), trained once for the whole session and read by
@@ -35,16 +36,22 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
-# One persistent compilation cache for the session, shared with the runs the tests start as child
-# processes (launch.py, the sweep, multi-process runs), which compile the same programs again and again.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix="nst_jax_test_cache_")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-
-
 import pytest  # noqa: E402 -- after the environment set-up above, which must precede any JAX import.
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for this test process only. It is not handed to the runs the tests
+  start as child processes: JAX writes a cache entry in place, so a child killed mid-write (the SIGKILL
+  tests) or two children compiling one program at once (sweeps with --jobs 2, multi-process runs) can
+  leave a truncated entry, and XLA aborts the next process that loads it."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return  # The user's own cache, as JAX reads it.
+  import jax  # noqa: PLC0415 -- after XLA_FLAGS above; importing JAX does not start its backends.
+
+  cache = tempfile.mkdtemp(prefix="nst_jax_test_cache_")
+  atexit.register(shutil.rmtree, cache, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="module")

@@ -376,8 +376,9 @@ def _kernel_grad_concat(x, grad, kernel_hw, strides, padding):
   """The kernel gradient as one contraction: the k*k shifted views concatenated along channels,
   (B OH OW) x (k_h k_w C_in), contracted with the (B OH OW) x C_out gradient, reshaped to (k_h, k_w, C_in,
   C_out). The concatenation is a copy of k_h k_w C_in values per output position; over chunks of
-  `concat_chunk` images (a `lax.scan`, the chunks' products summed), it stays within CONCAT_CHUNK_BYTES
-  (or one image's copy, if larger). A stride-1 1x1 convolution needs no copy and is not chunked."""
+  `concat_chunk` images per device (a `lax.scan`, the chunks' products summed), it stays within
+  CONCAT_CHUNK_BYTES per device (or one image's copy, if larger). A stride-1 1x1 convolution needs no
+  copy and is not chunked."""
   batch, oh, ow, out_channels = grad.shape
   kh, kw = kernel_hw
 
@@ -388,11 +389,23 @@ def _kernel_grad_concat(x, grad, kernel_hw, strides, padding):
     return _contract_rows(a.reshape(n, -1), g_.reshape(n, out_channels))
 
   copies = not (kh * kw == 1 and tuple(strides) == (1, 1))
-  chunk = concat_chunk(batch, oh * ow * kh * kw * x.shape[-1] * x.dtype.itemsize) if copies else batch
-  if chunk == batch:
+  # Under jit over several devices the batch is sharded in `groups` contiguous blocks: every chunk takes
+  # `chunk` images from each block, so no chunk straddles two devices. (Chunks of consecutive images made
+  # XLA regroup the batch across subsets of the devices inside the loop, and its CPU collectives then
+  # deadlocked.) Under pmap, or where the batch does not divide, `groups` is 1.
+  groups = jax.device_count() if batch % jax.device_count() == 0 else 1
+  per_group = batch // groups
+  image_bytes = oh * ow * kh * kw * x.shape[-1] * x.dtype.itemsize
+  chunk = concat_chunk(per_group, image_bytes) if copies else per_group
+  if chunk == per_group:
     out = contract(x, grad)
   else:
-    split = lambda a: a.reshape(batch // chunk, chunk, *a.shape[1:])
+    steps = per_group // chunk
+
+    def split(a):  # (B, ...) -> (steps, groups * chunk, ...): step s holds images [s*chunk, (s+1)*chunk)
+      a = a.reshape(groups, steps, chunk, *a.shape[1:])  # of every block
+      return jnp.swapaxes(a, 0, 1).reshape(steps, groups * chunk, *a.shape[3:])
+
     init = jnp.zeros((kh * kw * x.shape[-1], out_channels), _accumulation_dtype(x.dtype))
     out, _ = lax.scan(lambda acc, xg: (acc + contract(*xg), None), init, (split(x), split(grad)))
   return out.reshape(kh, kw, x.shape[-1], out_channels)

@@ -229,6 +229,24 @@ def test_concat_over_the_bound_runs_as_a_scan_over_batch_chunks(monkeypatch):
   assert "scan" not in str(jax.make_jaxpr(fn())(x, grad))
 
 
+def test_concat_chunks_take_images_from_every_device_block(monkeypatch):
+  # 16 images over the 8 devices: blocks of 2; a 1-image bound gives 2 steps of 8 images, one per block,
+  # so that a sharded batch is never regrouped across devices inside the loop.
+  x, kernel, grad = _form_arrays((16, 8, 8, 4), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)))
+  fn = lambda: lambda x_, g_: conv.kernel_grad(x_, g_, (3, 3), (1, 1), ((1, 1), (1, 1)), "concat")
+  monkeypatch.setattr(conv, "CONCAT_CHUNK_BYTES", 8 * 8 * 9 * 4 * 4)
+  jaxpr = jax.make_jaxpr(fn())(x, grad)
+  scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+  assert jax.device_count() == 8 and len(scans) == 1 and scans[0].params["length"] == 2
+  concat = [e for e in scans[0].params["jaxpr"].jaxpr.eqns if e.primitive.name == "concatenate"]
+  assert concat[0].outvars[0].aval.shape == (8, 8, 8, 36)
+  _, ref_dk = _xla_grads(x, kernel, (1, 1), ((1, 1), (1, 1)), grad)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  got = jax.jit(fn())(jax.device_put(x, sharded), jax.device_put(grad, sharded))
+  assert rel_err(got, ref_dk) < F32_TOL
+
+
 def _table(entries):
   return {"machine": "test", "entries": {k: {"dx": dx, "dw": dw} for k, (dx, dw) in entries.items()}}
 
