@@ -127,10 +127,11 @@ def _imported_models(config) -> dict:
 
   records = {}
   for role in ("student", "teacher"):
+    name = config.get(role, {}).get("model", "")  # A partial config (a test's, a tool's) may lack one.
     try:
-      record = models.source_record(config[role].model)
+      record = models.source_record(name) if name else None
     except (ValueError, ImportError, OSError) as error:  # Nothing here may stop a run.
-      record = {"name": config[role].model, "error": str(error)}
+      record = {"name": name, "error": str(error)}
     if record is not None:
       records[role] = record
   return {"models": records} if records else {}

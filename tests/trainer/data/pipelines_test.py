@@ -89,8 +89,8 @@ def test_bad_data_config_is_one_line(values, match):
   assert "\n" not in str(err.value)
 
 
-def test_pipeline_kinds():
-  kinds = {(p, n): data.check_config(_config(pipeline=p, name=n, path="x").data) for p, n in
+def test_pipeline_kinds(tmp_path):
+  kinds = {(p, n): data.check_config(_config(pipeline=p, name=n, path=str(tmp_path)).data) for p, n in
            [("auto", "digits"), ("auto", "cifar10"), ("auto", "image_folder"), ("auto", "imagenet2012"),
             ("tfds", "cifar10"), ("tfds", "mnist"), ("device", "cifar100")]}
   assert kinds == {("auto", "digits"): "device", ("auto", "cifar10"): "device",
