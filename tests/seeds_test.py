@@ -43,7 +43,8 @@ def test_same_seed_is_bitwise_identical(tiny_sweep):
   (results_a, config_a, variables_a) = _run(tiny_sweep.root / "teacher")
   (results_b, config_b, variables_b) = _run(tiny_sweep.workdir("ce", 0))
   # The same run twice: the configs differ in the checkpoints kept, nothing else.
-  assert {k for k in config_a | config_b if config_a.get(k) != config_b.get(k)} == {"logging.keep_checkpoints"}
+  differ = {k for k in config_a | config_b if config_a.get(k) != config_b.get(k)}
+  assert differ == {"logging.keep_checkpoints"}
   assert config_a["seed"] == config_b["seed"] == 0
   assert tiny_sweep.killed["steps"] and not tiny_sweep.killed["finished"]  # ce/seed0 was resumed
   assert results_a == results_b  # every accuracy and mean train loss, as exact floats
