@@ -207,3 +207,18 @@ def test_the_users_batchnorm_teacher_resumes_bitwise(example_run, tmp_path):
   a, b = _variables(finished, "my_models:Teacher"), _variables(resumed, "my_models:Teacher")
   assert jax.tree.structure(a) == jax.tree.structure(b) and "batch_stats" in a
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.slow
+def test_viz_draws_the_users_models(example_run, tmp_path):
+  """viz reads a run of the user's models: MMD^2 per layer at the config's module-path pairs."""
+  root, done = example_run
+  assert done.returncode == 0, done.stderr[-3000:]
+  argv = [sys.executable, "-m", "nst_jax.tools.viz", "mmd", "--workdir", str(root / "own_kd_nst"),
+          "--out", str(tmp_path)]
+  drawn = _run(argv, {"PYTHONPATH": str(EXAMPLES)}, ROOT)
+  assert drawn.returncode == 0, drawn.stdout[-3000:] + drawn.stderr[-3000:]
+  numbers = json.loads((tmp_path / "mmd.json").read_text())
+  text = json.dumps(numbers)
+  assert "ConvBlock_0:block1" in text and "ConvBlock_1:block2" in text
+  assert (tmp_path / "mmd.png").stat().st_size > 0

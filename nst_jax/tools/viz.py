@@ -75,6 +75,7 @@ from matplotlib.figure import Figure
 
 from nst_jax import kernels, losses, models
 from nst_jax import objective as objective_lib
+from nst_jax import taps as taps_lib
 from nst_jax.tools import curves as curves_lib
 from nst_jax.tools import sweep
 from nst_jax.trainer import checkpoints, config_lib, rundir, train, train_loop
@@ -240,20 +241,31 @@ def load(workdir: "str | os.PathLike | Run", teacher: str | None = None) -> Run:
                    "is streamed (data.pipeline='tfds').")
   dtype, shape, classes = config_lib.DTYPES[config.dtype], evaluation.image_shape, evaluation.num_classes
   student = train_loop.build_student(config, classes, shape)
-  teacher_module = models.get_model(teacher_name, classes, dtype=dtype)
+  teacher_module = _every_map_tapped(teacher_name, classes, dtype, shape)
   return Run(
       workdir=workdir, config=config, objective=config_lib.objective(config),
       student=student, student_variables=_restore(workdir, student, shape, "student"),
       teacher_workdir=teacher_workdir, teacher_model=teacher_name, teacher=teacher_module,
       teacher_variables=_restore(teacher_workdir, teacher_module, shape, "teacher"),
-      student_taps=_zoo_taps(config.student.model, classes, dtype, shape),
-      teacher_taps=_zoo_taps(teacher_name, classes, dtype, shape),
+      student_taps=_maps(student, shape), teacher_taps=_maps(teacher_module, shape),
       taps=objective_lib.parse_pairs(config.distill.nst.layers, "config.distill.nst.layers"),
       evaluation=evaluation)
 
 
-def _zoo_taps(name: str, classes: int, dtype, image_shape) -> dict:
-  taps = models.tap_shapes(models.get_model(name, classes, dtype=dtype), image_shape)
+def _every_map_tapped(name: str, classes: int, dtype, image_shape) -> nn.Module:
+  """A zoo model as it is (its own taps); a user's model with every module path that returns one map
+  tapped, so that any of them can be drawn."""
+  model = models.get_model(name, classes, dtype=dtype)
+  if models.is_zoo(name):
+    return model
+  listing = taps_lib.list_taps(model, image_shape)
+  paths = tuple(p for p, s in listing.items() if isinstance(s, tuple) and len(s) == 4
+                and all(isinstance(d, int) for d in s))
+  return models.get_model(name, classes, taps=paths, dtype=dtype)
+
+
+def _maps(module: nn.Module, image_shape) -> dict:
+  taps = models.tap_shapes(module, image_shape)
   return {k: tuple(v) for k, v in taps.items() if len(v) == 3}  # Maps only: `pooled` has no positions.
 
 
