@@ -44,6 +44,7 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -81,6 +82,30 @@ def last_line(error: BaseException) -> str:
   line = re.sub(r"\s*\[tensorstore_spec=.*$", "", lines[-1]) if lines else ""  # a page of JSON
   line = line if len(line) <= 1000 else line[:1000] + " ..."
   return f"{type(error).__name__}: {line}".rstrip(": ")
+
+
+def _ignore_closed_loop_callbacks() -> None:
+  """Drops one harmless report from the process's unraisable-exception hook, from now on.
+
+  When a read of a damaged checkpoint fails, Orbax closes its event loop while TensorStore still has
+  reads of the other files in flight; as each finishes, its callback finds the loop closed and Python
+  prints a `RuntimeError: Event loop is closed` traceback, dozens of them, after the run has already
+  reported the damage and gone on. Only that exact report (no object, that type and message) is dropped;
+  everything else reaches the hook that was there before. Idempotent.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_nst_jax_closed_loop_filter", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if (unraisable.object is None and isinstance(error, RuntimeError)
+        and str(error) == "Event loop is closed"):
+      return
+    previous(unraisable)
+
+  hook._nst_jax_closed_loop_filter = True
+  sys.unraisablehook = hook
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -194,6 +219,7 @@ class Checkpointer:
     it raises a ValueError naming the missing, unexpected and mismatching entries.
     """
     _reject_typed_keys(template_state, "template_state")
+    _ignore_closed_loop_callbacks()  # Before the read: the callbacks may come before its error does.
     self._manager.wait_until_finished()  # A step still being written is listed but not readable.
     if step is None:
       step = self.latest_step()
@@ -291,6 +317,7 @@ def load_variables(workdir: str | os.PathLike, template_variables: PyTree, *,
   trained first) and ValueError if its checkpoint does not fit the template.
   """
   _reject_typed_keys(template_variables, "template_variables")
+  _ignore_closed_loop_callbacks()
   directory = checkpoint_dir(workdir)
   missing = FileNotFoundError(
       f"No {role} checkpoint in {directory}: the {role} has to be trained first, with its own config and "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +363,21 @@ def test_a_damaged_teacher_checkpoint_is_an_error_naming_the_teacher_run(tmp_pat
                             "(ValueError: OUT_OF_RANGE")
   assert f"the teacher run in {teacher} is damaged" in message and "\n" not in message
   assert sorted(p.name for p in (teacher / "checkpoints").iterdir()) == ["10", "20"]  # nothing moved
+
+
+def test_only_the_closed_event_loop_report_is_dropped_from_the_unraisable_hook(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  checkpoints._ignore_closed_loop_callbacks()
+  checkpoints._ignore_closed_loop_callbacks()  # Idempotent: one filter, not two stacked.
+
+  def report(error, obj=None):
+    return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                 err_msg=None, object=obj)
+
+  sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+  kept = [report(RuntimeError("Event loop is closed"), obj="a callback"),
+          report(RuntimeError("something else")), report(ValueError("Event loop is closed"))]
+  for unraisable in kept:
+    sys.unraisablehook(unraisable)
+  assert seen == kept
