@@ -1,29 +1,32 @@
-"""The NST paper's runs (nst-method.md §7-9), shared by the `*_preact_resnet1001*` and `imagenet_*` configs.
+"""The NST paper's runs, shared by the `*_preact_resnet1001*` and `imagenet_*` configs.
 
-CIFAR-10 / CIFAR-100: teacher `preact_resnet1001`, student `inception_bn_cifar`. nst-method.md gives no
-CIFAR training recipe for the paper, so every CIFAR run here (teacher, baseline student, distilled
-students) uses He et al. 2016's recipe for these pre-activation ResNets on CIFAR, the one that defines
-the teacher architecture: SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 x0.1 after 32k and 48k
-of 64k iterations, i.e. 164 epochs of 390 steps with decays at epochs 82 and 123; 4-pixel pad + crop +
-flip; each dataset's own mean and std; the 50,000 training images, evaluated on the 10,000 test images.
-He et al. also warm up ResNet-1001 at lr 0.01 for its first 400 iterations; `configs/default.py` has no
-warm-up key, so these configs cannot express it.
+The paper: Huang and Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", arXiv
+1707.01219; its authors' code (MXNet, ImageNet only): github.com/TuSimple/neuron-selectivity-transfer.
 
-ImageNet: teacher `preact_resnet101`, student `inception_bn`, the official recipe (nst-method.md §7):
-batch 512, Nesterov momentum 0.9, lr 0.1 x0.1 at epochs 30 / 60 / 90, 100 epochs, weight decay 1e-4;
-random-resized crop 224 + flip, resize 256 / centre 224 for evaluation; the teacher's BatchNorm on batch
-statistics, as the official code. The teacher run uses the same recipe (the paper's teacher was
+CIFAR-10 / CIFAR-100: teacher `preact_resnet1001`, student `inception_bn_cifar`. This project takes no
+CIFAR training recipe from the paper, so every CIFAR run here (teacher, baseline student, distilled
+students) uses He et al. 2016's recipe for these pre-activation ResNets on CIFAR ("Identity Mappings in
+Deep Residual Networks", the paper that defines the teacher architecture): SGD momentum 0.9, weight decay
+1e-4, batch 128, lr 0.1 x0.1 after 32k and 48k of 64k iterations, i.e. 164 epochs of 390 steps with decays
+at epochs 82 and 123; 4-pixel pad + crop + flip; each dataset's own mean and std; the 50,000 training
+images, evaluated on the 10,000 test images. He et al. also warm up ResNet-1001 at lr 0.01 for its first
+400 iterations; `configs/default.py` has no warm-up key, so these configs cannot express it.
+
+ImageNet: teacher `preact_resnet101`, student `inception_bn`, the official recipe (the paper's and its
+code's): batch 512, Nesterov momentum 0.9, lr 0.1 x0.1 at epochs 30 / 60 / 90, 100 epochs, weight decay
+1e-4; random-resized crop 224 + flip, resize 256 / centre 224 for evaluation; the teacher's BatchNorm on
+batch statistics, as the official code. The teacher run uses the same recipe (the paper's teacher was
 tornadomeet's released ResNet-101, trained elsewhere).
 
-Objectives (weights: nst-method.md §5-7 where it gives them, else RepDistiller's):
+Objectives (weights: the official code's for KD and NST, RepDistiller's for FitNet and AT):
 
 * `kd`: CE + 1.0 KD at T = 4, the official code's "KD weight 16 at T = 4" (`losses.kd` has the T^2).
 * `nst*`: + 50 * NST per layer pair (the official code's weight) with the kernel the name says; `nst`,
   `kd_nst` and `kd_fitnet_nst` use the paper's polynomial kernel (d = 2, c = 0). The Gaussian's
-  bandwidth is the per-image heuristic (`nst.sigma2 = 0`). nst-method.md gives no per-kernel weight: 50
-  for all three.
-* `fitnet`: + 100 FitNet, `at`: + 1000 * sum of AT (RepDistiller's weights; the paper's are not in
-  nst-method.md).
+  bandwidth is the per-image heuristic (`nst.sigma2 = 0`). The official code has the polynomial kernel
+  only, so no per-kernel weight is taken from it: 50 for all three.
+* `fitnet`: + 100 FitNet, `at`: + 1000 * sum of AT (RepDistiller's weights,
+  github.com/HobbitLong/RepDistiller; this project takes none from the paper).
 * Combinations add their terms to CE + 1.0 KD.
 
 The CIFAR teacher also runs its BatchNorm on batch statistics: the paper's CIFAR code is not public,

@@ -1,4 +1,7 @@
-"""The RepDistiller CIFAR-100 protocol (nst-method.md §7), shared by the `cifar100_*` configs.
+"""The RepDistiller CIFAR-100 protocol, shared by the `cifar100_*` configs.
+
+RepDistiller: Tian et al., "Contrastive Representation Distillation", ICLR 2020, and its code,
+github.com/HobbitLong/RepDistiller, whose CIFAR-100 table benchmarks NST against KD, FitNet and AT.
 
 Training (teachers, baseline students and distilled students alike, as RepDistiller's
 `train_teacher.py` / `train_student.py`): SGD with momentum 0.9 (not Nesterov), weight decay 5e-4,
@@ -8,7 +11,7 @@ batch 64, 240 epochs, learning rate 0.05 (0.01 for MobileNetV2 / ShuffleNet stud
 50,000 training images and evaluated on the 10,000 test images (RepDistiller reports the last epoch's
 test accuracy). The teacher runs with its running BatchNorm statistics (`model_t.eval()`).
 
-Methods (RepDistiller's `-r` / `-a` / `-b` for each row of its table, nst-method.md §7):
+Methods (RepDistiller's `train_student.py` `-r` / `-a` / `-b` for each row of its table):
 
 | method | objective |
 | --- | --- |

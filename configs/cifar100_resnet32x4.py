@@ -10,8 +10,9 @@ from `workdirs/cifar100_resnet32x4` and, until this run has finished, first trai
 Data: TFDS `cifar100` (downloaded by TFDS on first use, or already prepared under `data.data_dir`): the
 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000 test images.
 
-Recipe: `configs/_repdistiller.py` (RepDistiller's protocol, nst-method.md §7): SGD momentum 0.9, weight
-decay 5e-4, batch 64, 240 epochs, lr 0.05 x0.1 at epochs 150 / 180 / 210; 187,440 steps.
+Recipe: `configs/_repdistiller.py` (RepDistiller's protocol, github.com/HobbitLong/RepDistiller): SGD
+momentum 0.9, weight decay 5e-4, batch 64, 240 epochs, lr 0.05 x0.1 at epochs 150 / 180 / 210; 187,440
+steps.
 
 Runtime: not measured on an accelerator yet (there, `python bench/step.py --student resnet32x4 --method ce`
 gives the step time; multiply by 187,440). On the 2-core development CPU, from the
@@ -21,14 +22,16 @@ README's `bench/models.py` images/s at batch 64:
 
 the 187,440 steps of 64 images plus 240 evaluations of 10,000 take about 9.0 days: a GPU job.
 
-Expected test accuracy: 79.42 % (RepDistiller's CIFAR-100 table, nst-method.md §8, row
-resnet32x4 -> resnet8x4, teacher column; last epoch, one run).
+Expected test accuracy (%, last epoch, one run): RepDistiller's CIFAR-100 table (Tian et al., "Contrastive
+Representation Distillation", ICLR 2020), row resnet32x4 -> resnet8x4, teacher column. The published number
+(top-1 accuracy, %, with the table cell it comes from) is `REFERENCE` below;
+`python -m nst_jax.tools.sweep --report` puts it beside the result.
 """
 
 from configs import _repdistiller
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
-# (tests/references_test.py checks that the two agree).
+# The published top-1 accuracy (%) of this teacher, with its source: the row and column of
+# RepDistiller's CIFAR-100 table it comes from.
 REFERENCE = (79.42, "RepDistiller CIFAR-100 table, row resnet32x4 -> resnet8x4, teacher column "
              "(last epoch, one run)")
 

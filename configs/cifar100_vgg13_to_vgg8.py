@@ -12,9 +12,9 @@ checkpoint yet, the run first trains the teacher there with `configs/cifar100_vg
 Data: TFDS `cifar100`: the 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000
 test images.
 
-Recipe: `configs/_repdistiller.py` (RepDistiller's protocol, nst-method.md §7): SGD momentum 0.9, weight
-decay 5e-4, batch 64, 240 epochs, lr 0.05 x0.1 at epochs 150 / 180 / 210; the teacher with its running
-BatchNorm statistics.
+Recipe: `configs/_repdistiller.py` (RepDistiller's protocol, github.com/HobbitLong/RepDistiller): SGD
+momentum 0.9, weight decay 5e-4, batch 64, 240 epochs, lr 0.05 x0.1 at epochs 150 / 180 / 210; the teacher
+with its running BatchNorm statistics.
 
 Layers. The VGGs have four stages, and RepDistiller's feat[1:-1] for them is all four (blocks 1-4 after
 their last ReLU, before any pool): NST and AT sum over `stage1` ... `stage4` of both networks, at
@@ -34,27 +34,28 @@ steps of 64 images plus 240 evaluations of 10,000 take about 0.7 days for `ce` a
 distillation methods, plus the feature loss (at most 82 ms per step: NST over resnet32x4 -> resnet8x4's
 stage shapes, the widest here, README) and the teacher's own run if it is not trained yet: GPU jobs.
 
-Expected test accuracy (%, last epoch, one run), RepDistiller's CIFAR-100 table (nst-method.md §8), row
-vgg13 -> vgg8:
+Expected test accuracy (%, last epoch, one run): RepDistiller's CIFAR-100 table (Tian et al., "Contrastive
+Representation Distillation", ICLR 2020), row vgg13 -> vgg8: its student column for `ce`, the method's own
+column for the others and its teacher column for the teacher. The published numbers (top-1 accuracy, %,
+with the table cell each comes from) are `REFERENCE` below; `python -m nst_jax.tools.sweep --report` puts
+them beside the results.
 
-| method | objective | expected |
-| --- | --- | --- |
-| `ce` | CE | 70.36 (student column) |
-| `kd` | 0.1 CE + 0.9 KD (T = 4) | 72.98 |
-| `fitnet` | CE + 100 FitNet | 71.02 |
-| `at` | CE + 1000 AT | 71.43 |
-| `nst` | CE + 50 NST (polynomial) | 71.53 |
-| `kd_nst` | 0.1 CE + 0.9 KD + 50 NST | no published number (RepDistiller never ran KD + NST) |
-
-Teacher: 74.64 (the same row's teacher column).
+| method | objective |
+| --- | --- |
+| `ce` | CE |
+| `kd` | 0.1 CE + 0.9 KD (T = 4) |
+| `fitnet` | CE + 100 FitNet |
+| `at` | CE + 1000 AT |
+| `nst` | CE + 50 NST (polynomial) |
+| `kd_nst` | 0.1 CE + 0.9 KD + 50 NST: no published number (RepDistiller never ran KD + NST) |
 """
 
 from configs import _repdistiller
 
 METHODS = _repdistiller.METHODS
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
-# (tests/references_test.py checks that the two agree).
+# The published top-1 accuracy (%) of each method and of the teacher, with its source: the row and
+# column of RepDistiller's CIFAR-100 table it comes from.
 _SOURCE = "RepDistiller CIFAR-100 table, row vgg13 -> vgg8 (last epoch, one run)"
 REFERENCE = {
     "ce": (70.36, f"{_SOURCE}, student column"),

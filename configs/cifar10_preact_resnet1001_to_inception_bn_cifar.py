@@ -13,11 +13,11 @@ has finished, the command first trains (or resumes) the teacher there with
 Data: TFDS `cifar10`: the 50,000 training images, 4-pixel pad + crop + flip; evaluated on the 10,000 test
 images.
 
-Recipe: `configs/_paper.py` (nst-method.md gives none for the paper's CIFAR runs): He et al. 2016's
-CIFAR recipe for the teacher's family, for every run alike: SGD momentum 0.9, weight decay 1e-4, batch
-128, lr 0.1 x0.1 at epochs 82 / 123 of 164. The teacher runs its BatchNorm on batch statistics, as the
-authors' (ImageNet) code does. KD is CE + 1.0 KD at T = 4 (the official "KD weight 16 at T = 4"); NST
-weight 50 per layer pair (the official code's); FitNet 100 and AT 1000 (RepDistiller's).
+Recipe: `configs/_paper.py` (this project takes none from the paper for its CIFAR runs): He et al. 2016's
+CIFAR recipe for the teacher's family, for every run alike: SGD momentum 0.9, weight decay 1e-4, batch 128,
+lr 0.1 x0.1 at epochs 82 / 123 of 164. The teacher runs its BatchNorm on batch statistics, as the authors'
+(ImageNet) code does. KD is CE + 1.0 KD at T = 4 (the official "KD weight 16 at T = 4"); NST weight 50 per
+layer pair (the official code's); FitNet 100 and AT 1000 (RepDistiller's).
 
 Layers (both networks at 32 / 16 / 8 px, so nothing is resized): NST and AT sum over three pairs of
 pre-ReLU BatchNorm outputs, the official code's kind of map: the student's blocks 3b, 4d and 5b (`in3b`,
@@ -32,31 +32,35 @@ Runtime: not measured. On the 2-core development CPU inception_bn_cifar trains a
 teacher's forward (about 24 img/s by depth scaling of preact_resnet164) adds about a fifth: accelerator
 jobs (`python bench/step.py --teacher preact_resnet1001 --student inception_bn_cifar` there).
 
-Expected test error (accuracy) in %, the paper's table (nst-method.md §8), CIFAR-10 column:
+Expected test accuracy: the paper's table of CIFAR-10 / CIFAR-100 error rates for ResNet-1001 ->
+Inception-BN (Huang and Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer",
+arXiv 1707.01219), CIFAR-10 column: its "student" row for `ce`, the method's row for the others and its
+"teacher" row for the teacher. The published numbers (top-1 accuracy, %, 100 - the table's error, with the
+table cell each comes from) are `REFERENCE` below; `python -m nst_jax.tools.sweep --report` puts them
+beside the results. Independent re-implementations report NST gains well below the paper's (RepDistiller's
+CIFAR-100 table, for one: Tian et al., "Contrastive Representation Distillation", ICLR 2020,
+github.com/HobbitLong/RepDistiller).
 
-| method | objective | expected error (accuracy) |
-| --- | --- | --- |
-| `ce` | CE | 5.80 (94.20), row "student" |
-| `kd` | CE + KD (T = 4) | 4.47 (95.53), row "KD" |
-| `fitnet` | CE + 100 FitNet | 4.75 (95.25), row "FitNet" |
-| `at` | CE + 1000 AT | 4.64 (95.36), row "AT" |
-| `nst_linear` | CE + 50 NST (linear) | 4.87 (95.13), row "NST linear" |
-| `nst_poly` | CE + 50 NST (polynomial) | 4.39 (95.61), row "NST polynomial" |
-| `nst_gaussian` | CE + 50 NST (Gaussian) | 4.48 (95.52), row "NST Gaussian" |
-| `kd_fitnet` | CE + KD + 100 FitNet | 4.54 (95.46), row "KD + FitNet" |
-| `kd_nst` | CE + KD + 50 NST (polynomial) | 4.21 (95.79), row "KD + NST (poly)" |
-| `kd_fitnet_nst` | CE + KD + 100 FitNet + 50 NST (polynomial) | 4.54 (95.46), row "KD + FitNet + NST" |
-
-Teacher: 4.04 (95.96). Independent re-implementations report NST gains well below the paper's
-(nst-method.md §8).
+| method | objective |
+| --- | --- |
+| `ce` | CE |
+| `kd` | CE + KD (T = 4) |
+| `fitnet` | CE + 100 FitNet |
+| `at` | CE + 1000 AT |
+| `nst_linear` | CE + 50 NST (linear) |
+| `nst_poly` | CE + 50 NST (polynomial) |
+| `nst_gaussian` | CE + 50 NST (Gaussian) |
+| `kd_fitnet` | CE + KD + 100 FitNet |
+| `kd_nst` | CE + KD + 50 NST (polynomial) |
+| `kd_fitnet_nst` | CE + KD + 100 FitNet + 50 NST (polynomial) |
 """
 
 from configs import _paper
 
 METHODS = _paper.CIFAR_METHODS
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
-# (tests/references_test.py checks that the two agree).
+# The published top-1 accuracy (%) of each method and of the teacher: 100 - the paper's error rate,
+# with its source, which names that error and its table cell (column and row).
 _SOURCE = "NST paper, CIFAR-10 table (ResNet-1001 -> Inception-BN), 100 - error"
 REFERENCE = {
     "ce": (94.20, f"{_SOURCE} 5.80 of row student"),

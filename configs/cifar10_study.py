@@ -45,25 +45,29 @@ min beside another run; 92 min for the required grid's sweep with its teacher.
 
 Expected validation accuracy: no published number for this setup. Measured (last top-1, mean ± std over
 seeds 0-2, 2026-12-02): `ce` 61.92 ± 0.26, `kd` 64.69 ± 0.24, `nst` 65.19 ± 0.13, `kd_nst` 65.59 ± 0.25;
-teacher 66.20 (`results/cifar10_folder/`). The paper's
-CIFAR-10 numbers (nst-method.md §8), quoted as data for the sweep's `reference` column. They
-are NOT expectations for this study: a different teacher (ResNet-1001) and student (Inception-BN), all
-50,000 images and a 164-epoch schedule. Test error (accuracy) in %:
+teacher 66.20 (`results/cifar10_folder/`).
 
-| method | objective | paper's error (accuracy) |
-| --- | --- | --- |
-| `ce` | CE | 5.80 (94.20), row "student" |
-| `kd` | CE + KD (T = 4) | 4.47 (95.53), row "KD" |
-| `nst` | CE + 50 NST (polynomial) | 4.39 (95.61), row "NST polynomial" |
-| `kd_nst` | CE + KD + 50 NST (polynomial) | 4.21 (95.79), row "KD + NST (poly)" |
-| `nst_linear` | CE + 50 NST (linear) | 4.87 (95.13), row "NST linear" |
-| `nst_gaussian` | CE + 50 NST (Gaussian) | 4.48 (95.52), row "NST Gaussian" |
-| `at` | CE + 1000 AT | 4.64 (95.36), row "AT" |
-| `fitnet` | CE + 100 FitNet | 4.75 (95.25), row "FitNet" |
-| `kd_fitnet` | CE + KD + 100 FitNet | 4.54 (95.46), row "KD + FitNet" |
-| `kd_fitnet_nst` | CE + KD + 100 FitNet + 50 NST (polynomial) | 4.54 (95.46), row "KD + FitNet + NST" |
+The paper's CIFAR-10 numbers (Huang and Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity
+Transfer", arXiv 1707.01219: the CIFAR-10 column of its table of error rates for ResNet-1001 ->
+Inception-BN) are `REFERENCE` below, as data for the sweep's `reference` column: top-1 accuracy, %, 100 -
+the table's error, with the table cell each comes from (this study's `nst` is the table's polynomial-kernel
+NST row). They are NOT expectations for this study: a different teacher (ResNet-1001; this study's is
+resnet20) and student (Inception-BN), all 50,000 images and a 164-epoch schedule.
 
-Teacher: 4.04 (95.96), the paper's ResNet-1001 (this study's teacher is resnet20).
+The methods and their objectives:
+
+| method | objective |
+| --- | --- |
+| `ce` | CE |
+| `kd` | CE + KD (T = 4) |
+| `nst` | CE + 50 NST (polynomial) |
+| `kd_nst` | CE + KD + 50 NST (polynomial) |
+| `nst_linear` | CE + 50 NST (linear) |
+| `nst_gaussian` | CE + 50 NST (Gaussian) |
+| `at` | CE + 1000 AT |
+| `fitnet` | CE + 100 FitNet |
+| `kd_fitnet` | CE + KD + 100 FitNet |
+| `kd_fitnet_nst` | CE + KD + 100 FitNet + 50 NST (polynomial) |
 """
 
 from configs import _common, cifar10_study_teacher
@@ -74,7 +78,26 @@ METHODS = REQUIRED + ("nst_linear", "nst_gaussian", "at", "fitnet", "kd_fitnet",
 
 _STAGES = [("stage1", "stage1"), ("stage2", "stage2"), ("stage3", "stage3")]
 
-# The paper's CIFAR-10 numbers, under this study's method names (its `nst` is the paper's `nst_poly`).
+# The paper's claims this study can test, as (method, against, claim): `python -m nst_jax.tools.sweep
+# --report` writes each one's difference in the paper and here, with Welch's p, to `claims.md`.
+CLAIMS = (
+    ("nst", "ce", "NST helps the student"),
+    ("nst", "kd", "NST beats KD"),
+    ("kd_nst", "kd", "NST adds to KD"),
+    ("kd_nst", "nst", "KD adds to NST"),
+    ("nst", "nst_linear", "the polynomial kernel beats the linear"),
+    ("nst", "nst_gaussian", "the polynomial kernel beats the Gaussian"),
+    ("nst_gaussian", "nst_linear", "the Gaussian kernel beats the linear"),
+    ("nst", "fitnet", "NST beats FitNet"),
+    ("nst", "at", "NST beats AT"),
+    ("kd_nst", "kd_fitnet", "KD + NST beats KD + FitNet"),
+    ("kd_fitnet_nst", "kd_nst", "FitNet added to KD + NST does not help"),
+    ("kd_fitnet_nst", "kd_fitnet", "NST added to KD + FitNet does not help"),
+)
+
+# The published top-1 accuracy (%) of each method and of the teacher in the paper's CIFAR-10 runs (not
+# this study's setup), under this study's method names (its `nst` is the paper's `nst_poly`): 100 - the
+# paper's error rate, with its source, which names that error and its table cell.
 REFERENCE = {method: _paper_cifar10.REFERENCE["nst_poly" if method == "nst" else method]
              for method in METHODS + ("teacher",)}
 

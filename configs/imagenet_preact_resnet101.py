@@ -15,22 +15,26 @@ Data: TFDS `imagenet2012` (1,281,167 training images, 1,000 classes; evaluated o
 images), streamed with tf.data (`data.pipeline = "tfds"`, needs TensorFlow): random-resized crop to
 224 + flip for training, resize 256 / centre crop 224 for evaluation, ImageNet's mean and std.
 
-Recipe: `configs/_paper.py`, the official NST recipe (nst-method.md §7) used for the teacher too: batch
-512, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1 x0.1 at epochs 30 / 60 / 90, 100 epochs; 2,502
-steps per epoch, 250,200 steps.
+Recipe: `configs/_paper.py`, the official NST recipe (the paper's and its authors' code's:
+github.com/TuSimple/neuron-selectivity-transfer) used for the teacher too: batch 512, Nesterov momentum
+0.9, weight decay 1e-4, lr 0.1 x0.1 at epochs 30 / 60 / 90, 100 epochs; 2,502 steps per epoch, 250,200
+steps.
 
 Runtime: not measured (no 224 px step has been timed on any machine yet): an accelerator job; measure
 the step time on yours and multiply by 250,200.
 
-Expected validation error: top-1 22.68 %, top-5 6.58 % (accuracy 77.32 / 93.42 %): the paper's ImageNet
-teacher row (nst-method.md §8). That teacher was tornadomeet's released model, trained by its own
-recipe, so this run is not guaranteed to reach it.
+Expected validation accuracy: the teacher of the paper's ImageNet results for ResNet-101 -> Inception-BN
+(Huang and Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", arXiv
+1707.01219), which the paper gives as top-1 / top-5 error. The published number (top-1 accuracy, %, 100 -
+the top-1 error, with the row it comes from and its top-5 error) is `REFERENCE` below;
+`python -m nst_jax.tools.sweep --report` puts it beside the result. That teacher was tornadomeet's released
+model, trained by its own recipe, so this run is not guaranteed to reach it.
 """
 
 from configs import _paper
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
-# (tests/references_test.py checks that the two agree).
+# The published top-1 accuracy (%) of this teacher: 100 - the paper's top-1 error, with its source,
+# which names that error, its row and the top-5 error beside it.
 REFERENCE = (77.32, "NST paper, ImageNet (ResNet-101 -> Inception-BN), 100 - top-1 error 22.68 "
              "of row teacher (top-5 error 6.58)")
 

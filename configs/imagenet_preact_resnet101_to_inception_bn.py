@@ -13,11 +13,12 @@ checkpoint trains the teacher from that file as it is, without this command's `d
 Data: TFDS `imagenet2012` streamed with tf.data (needs TensorFlow): random-resized crop to 224 + flip,
 resize 256 / centre crop 224 for evaluation on the 50,000 validation images; ImageNet's mean and std.
 
-Recipe: `configs/_paper.py`, the official NST recipe (nst-method.md §7): batch 512, Nesterov momentum
-0.9, weight decay 1e-4, lr 0.1 x0.1 at epochs 30 / 60 / 90, 100 epochs (250,200 steps); the teacher's
-BatchNorm on batch statistics, as the official code. KD: CE + 1.0 KD at T = 4 (the official "KD weight
-16 at T = 4"); NST: weight 50, polynomial kernel (d = 2, c = 0); FitNet 100 and AT 1000 (RepDistiller's
-weights; nst-method.md gives none for the paper's ImageNet runs).
+Recipe: `configs/_paper.py`, the official NST recipe (the paper's and its authors' code's:
+github.com/TuSimple/neuron-selectivity-transfer): batch 512, Nesterov momentum 0.9, weight decay 1e-4, lr
+0.1 x0.1 at epochs 30 / 60 / 90, 100 epochs (250,200 steps); the teacher's BatchNorm on batch statistics,
+as the official code. KD: CE + 1.0 KD at T = 4 (the official "KD weight 16 at T = 4"); NST: weight 50,
+polynomial kernel (d = 2, c = 0); FitNet 100 and AT 1000 (RepDistiller's weights,
+github.com/HobbitLong/RepDistiller, as for CIFAR).
 
 Layers: NST is the official single pair, the student's `in5b` (block 5b's pre-ReLU BatchNorm outputs,
 7 x 7 x 1024) against the teacher's `final_bn` (the final BatchNorm before the last ReLU, 7 x 7 x 2048).
@@ -29,29 +30,31 @@ AT sums over that pair and the 14 x 14 one below it, `in4d` (608 channels) again
 Runtime: not measured (no 224 px step has been timed on any machine yet): an accelerator job; a step
 costs the student's forward+backward and the teacher's forward on 512 images, 250,200 steps.
 
-Expected validation error, top-1 / top-5 in % (accuracy in brackets), the paper's ImageNet rows
-(nst-method.md §8):
+Expected validation accuracy: the paper's ImageNet results for ResNet-101 -> Inception-BN (Huang and Wang,
+"Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", arXiv 1707.01219), which it gives
+as top-1 / top-5 error: its "student" row for `ce`, the method's row for the others and its teacher for the
+teacher. The published numbers (top-1 accuracy, %, 100 - the top-1 error, with the row each comes from and
+its top-5 error) are `REFERENCE` below; `python -m nst_jax.tools.sweep --report` puts them beside the
+results.
 
-| method | objective | expected |
-| --- | --- | --- |
-| `ce` | CE | 25.74 / 8.07 (74.26 / 91.93), row "student" |
-| `kd` | CE + KD | 24.56 / 7.35 (75.44 / 92.65) |
-| `fitnet` | CE + 100 FitNet | 25.30 / 7.93 (74.70 / 92.07) |
-| `at` | CE + 1000 AT | 25.10 / 7.61 (74.90 / 92.39) |
-| `nst` | CE + 50 NST | 24.82 / 7.58 (75.18 / 92.42) |
-| `kd_fitnet` | CE + KD + 100 FitNet | 24.48 / 7.27 (75.52 / 92.73) |
-| `kd_at` | CE + KD + 1000 AT | 24.64 / 7.26 (75.36 / 92.74) |
-| `kd_nst` | CE + KD + 50 NST | 24.34 / 7.11 (75.66 / 92.89) |
-
-Teacher: 22.68 / 6.58 (77.32 / 93.42).
+| method | objective |
+| --- | --- |
+| `ce` | CE |
+| `kd` | CE + KD |
+| `fitnet` | CE + 100 FitNet |
+| `at` | CE + 1000 AT |
+| `nst` | CE + 50 NST |
+| `kd_fitnet` | CE + KD + 100 FitNet |
+| `kd_at` | CE + KD + 1000 AT |
+| `kd_nst` | CE + KD + 50 NST |
 """
 
 from configs import _paper
 
 METHODS = _paper.IMAGENET_METHODS
 
-# Published top-1 accuracy (%), the numbers quoted above as data for `python -m nst_jax.tools.sweep`
-# (tests/references_test.py checks that the two agree).
+# The published top-1 accuracy (%) of each method and of the teacher: 100 - the paper's top-1 error,
+# with its source, which names that error, its row and the top-5 error beside it.
 _SOURCE = "NST paper, ImageNet (ResNet-101 -> Inception-BN), 100 - top-1 error"
 REFERENCE = {
     "ce": (74.26, f"{_SOURCE} 25.74 of row student (top-5 error 8.07)"),

@@ -2,13 +2,15 @@
 
 The pairwise kernels take two 1-D vectors and return a scalar; `gram` vmaps one of them over the rows of
 two sample matrices, which is the definition. `mmd2` computes the squared MMD between sample sets
-X (n, D) and Y (m, D) (nst-method.md §2):
+X (n, D) and Y (m, D) (the NST paper's Eq. 4, Huang and Wang, arXiv 1707.01219; `docs/kernels.md`,
+"Definitions"):
 
     MMD^2 = 1/n^2 sum_jj' k(x_j, x_j') + 1/m^2 sum_ii' k(y_i, y_i') - 2/(nm) sum_ji k(x_j, y_i)
 
 biased (V-statistic) by default, or unbiased (U-statistic, the j = j' and i = i' terms left out of the
 first two sums). For the built-in kernels `mmd2` does not call the pairwise function n*m times: it uses
-exact identities that give the same number for far less work (nst-method.md §3), picked by `method`:
+exact identities that give the same number for far less work (`docs/kernels.md`, "The exact fast forms"),
+picked by `method`:
 
 * "mean" (linear kernel; polynomial of degree 1): MMD^2 = ||mean_j x_j - mean_i y_i||^2 + ...; O((n+m) D).
 * "spatial" (polynomial of degree 2): sum_ji (x_j . y_i)^2 = <X^T X, Y^T Y>_F, so the biased value is
@@ -292,7 +294,7 @@ def choose_method(kernel: str | Kernel, n: int, m: int, dim: int, **params) -> s
 
   The spatial form costs ~(n + m) D^2 multiply-adds, the Gram form ~(n + m)^2 D; the spatial form wins
   when D < (n + m), but its backward pass is relatively dearer, so it is taken below 0.75 (n + m)
-  (D < 1.5 C for equal channel counts, as nst-method.md §3 recommends).
+  (D < 1.5 C for equal channel counts; `docs/kernels.md`, "The exact fast forms").
   """
   k = get_kernel(kernel)
   applicable = applicable_methods(k, **params)

@@ -2,8 +2,11 @@
 
 All are pure functions of arrays returning a float32 scalar (float64 for float64 inputs); lower-precision
 inputs (bfloat16) are computed in float32 inside. Every teacher argument is under `stop_gradient`, so
-`jax.grad` never sends a gradient into the teacher. Definitions follow nst-method.md §2-5; weights are
-the caller's (the config's) business: nothing here applies the paper's lambda / 2.
+`jax.grad` never sends a gradient into the teacher. Definitions: NST as in Huang and Wang, "Like What You
+Like: Knowledge Distill via Neuron Selectivity Transfer" (arXiv 1707.01219), KD, AT and FitNet as
+RepDistiller computes them (github.com/HobbitLong/RepDistiller); `docs/kernels.md` states them all, with
+the exact fast forms. Weights are the caller's (the config's) business: nothing here applies the paper's
+lambda / 2.
 
 Feature maps are NHWC by default; the feature-map losses (`nst`, `nst_per_image`, `attention`) and
 their helpers take `layout="NCHW"` for maps in PyTorch's layout, with the same value as for the
@@ -61,7 +64,7 @@ def l2_normalize(x: Array, axis: int, eps: float = NORM_EPS) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Spatial size matching (nst-method.md §4).
+# Spatial size matching (`docs/kernels.md`, "Definitions": `resize`).
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:

@@ -1,11 +1,12 @@
-"""The published numbers in the configs: each config's `REFERENCE` data against the numbers its docstring
-quotes, and both against the tables of `../shared/reference/nst-method.md` §8 (where that file exists).
+"""The published numbers in the configs: each config's module-level `REFERENCE` is their one copy.
 
-Docstring forms (every published number has two decimals):
-  RepDistiller rows   | `kd` | 0.1 CE + 0.9 KD (T = 4) | 73.33 |               accuracy
-  paper CIFAR rows    | `kd` | CE + KD (T = 4) | 22.18 (77.82), row "KD" |     error (accuracy)
-  paper ImageNet rows | `kd` | CE + KD | 24.56 / 7.35 (75.44 / 92.65) |       top-1 / top-5 error (accuracy)
-  "Teacher: ..." lines and teacher configs' "Expected ...:" sentences, in the same three forms.
+`REFERENCE` maps a method (or "teacher") to (published top-1 accuracy in %, its source); a teacher config's
+is one such pair. The source names the table cell the number comes from, in one of three forms:
+  RepDistiller   "RepDistiller CIFAR-100 table, row vgg13 -> vgg8 (last epoch, one run), KD column"
+  paper CIFAR    "NST paper, CIFAR-10 table (ResNet-1001 -> Inception-BN), 100 - error 4.47 of row KD"
+  paper ImageNet "NST paper, ImageNet (...), 100 - top-1 error 24.56 of row KD (top-5 error 7.35)"
+The first two tests check the data on its own, on any clone; the last one checks it against the tables of
+`../shared/reference/nst-method.md` §8, where that file exists.
 """
 
 import pathlib
@@ -23,41 +24,6 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py")
 NUMBER = re.compile(r"\d+\.\d\d")
 
 
-def _published(numbers: list[float]) -> dict:
-  """Two-decimal numbers in the docstring's order -> {"top1": accuracy, ...}; errors must add up to 100."""
-  if len(numbers) == 1:
-    return {"top1": numbers[0]}
-  if len(numbers) == 2:
-    error, accuracy = numbers
-    assert error + accuracy == pytest.approx(100.0, abs=1e-9), numbers
-    return {"top1": accuracy, "error1": error}
-  assert len(numbers) == 4, numbers
-  error1, error5, accuracy1, accuracy5 = numbers
-  assert error1 + accuracy1 == pytest.approx(100.0) and error5 + accuracy5 == pytest.approx(100.0), numbers
-  return {"top1": accuracy1, "error1": error1, "error5": error5}
-
-
-def docstring_numbers(doc: str) -> dict[str, dict]:
-  """method (or "teacher") -> its published numbers, as the docstring states them."""
-  found = {}
-  for method, cell in re.findall(r"^\| `(\w+)` \|.*\| ([^|]*) \|$", doc, re.M):
-    numbers = [float(x) for x in NUMBER.findall(cell)]
-    if numbers:
-      found[method] = _published(numbers)
-    else:
-      assert "no published number" in cell, cell
-  teacher = re.search(r"^Teacher: (.*)$", doc, re.M)
-  if teacher:
-    found["teacher"] = _published([float(x) for x in NUMBER.findall(teacher.group(1))])
-  expected = re.search(r"^Expected [a-z ]*(accuracy|error): (.*?)(?:\n\n|$)", doc, re.M | re.S)
-  if expected and not found:  # A teacher config: one sentence, one run.
-    count = 1 if expected.group(1) == "accuracy" else (4 if "top-5" in expected.group(2) else 2)
-    numbers = [float(x) for x in NUMBER.findall(expected.group(2))][:count]
-    if numbers and "no published number" not in expected.group(2).split(".")[0]:
-      found["teacher config"] = _published(numbers)
-  return found
-
-
 def _reference_numbers(module) -> dict[str, tuple[float, str]]:
   reference = getattr(module, "REFERENCE", None)
   if isinstance(reference, tuple):
@@ -65,22 +31,62 @@ def _reference_numbers(module) -> dict[str, tuple[float, str]]:
   return dict(reference or {})
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_reference_data_matches_the_docstring(path):
+# The sources' forms: RepDistiller's accuracies name their row and column; the paper's error rates name the
+# error, then the row (and, for ImageNet, the top-5 error beside it).
+REPDISTILLER = re.compile(r"RepDistiller CIFAR-100 table, row (\w+) -> (\w+)(?: \(last epoch, one run\))?, "
+                          r"(\w+) column(?: \(last epoch, one run\))?")
+PAPER = re.compile(r"NST paper, (CIFAR-10|CIFAR-100) table \(ResNet-1001 -> Inception-BN\), "
+                   r"100 - error (\d+\.\d\d) of row (.+)")
+IMAGENET = re.compile(r"NST paper, ImageNet \(ResNet-101 -> Inception-BN\), "
+                      r"100 - top-1 error (\d+\.\d\d) of row (.+) \(top-5 error \d+\.\d\d\)")
+REPDISTILLER_COLUMNS = {"ce": "student", "kd": "KD", "fitnet": "FitNet", "at": "AT", "nst": "NST",
+                        "teacher": "teacher", "teacher config": "teacher"}
+WITH_REFERENCE = [p for p in CONFIGS if "REFERENCE" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", WITH_REFERENCE, ids=lambda p: p.stem)
+def test_reference_data_is_self_consistent(path):
+  """Each entry is (two-decimal accuracy, source naming its cell); an error-derived one names 100 - value."""
   module = sweep.load_config_module(str(path))
-  quoted = docstring_numbers(module.__doc__)
   data = _reference_numbers(module)
-  assert set(data) == set(quoted), f"data {sorted(data)} vs docstring {sorted(quoted)}"
-  for method, (value, source) in data.items():
-    assert isinstance(value, float) and value == quoted[method]["top1"], (method, value, quoted[method])
-    assert source, method
-    for kind in ("error1", "error5"):  # The source names the error it was computed from.
-      if kind in quoted[method]:
-        assert f"{quoted[method][kind]:.2f}" in source, (method, source)
-  if not data:
-    assert "no published number" in module.__doc__
-  valid = set(getattr(module, "METHODS", ())) | {"teacher", "teacher config"}
-  assert set(data) <= valid, set(data) - valid
+  assert data, path
+  methods = tuple(getattr(module, "METHODS", ()))
+  if methods:  # Keyed by method.
+    assert set(data) <= set(methods) | {"teacher"}, sorted(set(data) - set(methods))
+  else:  # A teacher config: one (value, source) pair.
+    assert set(data) == {"teacher config"}, sorted(data)
+  for method, entry in data.items():
+    assert isinstance(entry, tuple) and len(entry) == 2, (method, entry)
+    value, source = entry
+    assert isinstance(value, float) and 0 < value < 100 and round(value, 2) == value, (method, value)
+    assert isinstance(source, str) and source.strip(), (method, source)
+    teacher = method in ("teacher", "teacher config")
+    if match := REPDISTILLER.fullmatch(source):
+      assert match.group(3) == REPDISTILLER_COLUMNS[method], (method, source)
+      if methods:  # A pair config: its own row.
+        assert path.stem == f"cifar100_{match.group(1)}_to_{match.group(2)}", (path.stem, source)
+      else:  # A teacher config: a row of its teacher.
+        assert path.stem == f"cifar100_{match.group(1)}", (path.stem, source)
+      continue
+    match = PAPER.fullmatch(source) or IMAGENET.fullmatch(source)
+    assert match, f"{method}: {source!r} is none of the source forms in this file's docstring"
+    error, row = match.groups()[-2:]
+    assert f"{100 - value:.2f}" == error, (method, value, source)
+    assert (row == "teacher") == teacher and (row == "student") == (method == "ce"), (method, source)
+    if match.re is PAPER:
+      dataset = "cifar10" if match.group(1) == "CIFAR-10" else "cifar100"
+      assert path.stem.startswith(f"{dataset}_"), (path.stem, source)
+    else:
+      assert path.stem.startswith("imagenet_"), (path.stem, source)
+
+
+@pytest.mark.parametrize("path", WITH_REFERENCE, ids=lambda p: p.stem)
+def test_a_method_without_reference_data_says_so(path):
+  """A method missing from REFERENCE has "no published number" in its row of the docstring's table."""
+  module = sweep.load_config_module(str(path))
+  for method in set(getattr(module, "METHODS", ())) - set(_reference_numbers(module)):
+    row = re.search(rf"^\| `{method}` \|.*$", module.__doc__, re.M)
+    assert row and "no published number" in row.group(0), method
 
 
 def _method_md_tables(text: str) -> dict:
@@ -105,7 +111,7 @@ def _method_md_tables(text: str) -> dict:
 
 
 @pytest.mark.skipif(not METHOD_MD.exists(), reason=f"{METHOD_MD} is not here")
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "REFERENCE" in p.read_text()], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", WITH_REFERENCE, ids=lambda p: p.stem)
 def test_reference_data_matches_the_published_tables(path):
   """Each entry's source names its table cell; the cell there holds the entry's number."""
   table = _method_md_tables(METHOD_MD.read_text())
