@@ -4,17 +4,20 @@
   process (`pytest_configure`).
 * `fast_compilation`: XLA's optimisation passes off, for modules about values rather than speed.
 * `tiny_sweep` (session): `configs/tiny.py` swept by the real command (`ce` and `kd_nst`, seeds 0 and 1,
-  one shared teacher, SIGKILLed once mid-run and resumed), trained once for the whole session and read by
-  the sweep, viz and seeds tests; every test that uses it is marked `slow` here.
+  one shared teacher, SIGKILLed once mid-run and resumed), trained once for the whole session (for every
+  xdist worker) and read by the sweep, viz and seeds tests; every test that uses it is marked `slow` here.
 * `tiny_image_folder` (session): a class-folder tree of JPEGs written from scikit-learn's digits, the
   stand-in for `../shared/data/cifar10/train` where that folder is absent.
 
 Tests that train real runs are marked `slow`: `pytest -q` (pyproject.toml's addopts) leaves them out,
-`pytest -q -m slow` runs only them, `pytest -q -m ""` runs everything.
+`pytest -q -m slow` runs only them, `pytest -q -m ""` runs everything. `-n 2` (pytest-xdist, as in the
+README's commands) runs two worker processes, each test module whole on one of them.
 """
 
 import atexit
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import pathlib
@@ -40,10 +43,14 @@ import pytest  # noqa: E402 -- after the environment set-up above, which must pr
 
 
 def pytest_configure(config):
-  """One persistent compilation cache for this test process only. It is not handed to the runs the tests
+  """`-n N` (pytest-xdist) sends each test module whole to one worker (`--dist loadfile`) unless
+  `--dist` says otherwise, so that module fixtures are built once. Then one persistent compilation cache
+  for this test process only (each xdist worker has its own). It is not handed to the runs the tests
   start as child processes: JAX writes a cache entry in place, so a child killed mid-write (the SIGKILL
   tests) or two children compiling one program at once (sweeps with --jobs 2, multi-process runs) can
   leave a truncated entry, and XLA aborts the next process that loads it."""
+  if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "load":
+    config.option.dist = "loadfile"  # `load`, xdist's default for `-n N`, would split modules.
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return  # The user's own cache, as JAX reads it.
   import jax  # noqa: PLC0415 -- after XLA_FLAGS above; importing JAX does not start its backends.
@@ -129,11 +136,40 @@ def _start_tiny_sweep(root: pathlib.Path) -> subprocess.Popen:
                           text=True, start_new_session=True)  # its own process group, to kill it whole
 
 
+@contextlib.contextmanager
+def _exclusive(lock_file: pathlib.Path):
+  """Holds an exclusive lock on `lock_file` (created if needed) for the block: one process at a time."""
+  with open(lock_file, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> TinySweep:
   """The sweep command on configs/tiny.py, SIGKILLed (with its runs) once ce/seed0 has a checkpoint, run
-  again to the end (it resumes), and run a third time (it skips every finished run)."""
-  root = tmp_path_factory.mktemp("tiny_sweep") / "root"
+  again to the end (it resumes), and run a third time (it skips every finished run).
+
+  Built once per test session: under pytest-xdist the first worker that needs it builds it in the
+  session's shared temporary folder while the others wait on a lock, then read its record."""
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # `popen-gwN` per worker
+  record = shared / "tiny_sweep.json"
+  with _exclusive(shared / "tiny_sweep.lock"):
+    if record.exists():
+      saved = json.loads(record.read_text())
+      return TinySweep(pathlib.Path(saved["root"]), saved["killed"], saved["resumed_out"],
+                       saved["rerun_out"], {(m, k): t for m, k, t in saved["mtimes"]})
+    sweep = _build_tiny_sweep(shared / "tiny_sweep" / "root")
+    record.write_text(json.dumps({"root": str(sweep.root), "killed": sweep.killed,
+                                  "resumed_out": sweep.resumed_out, "rerun_out": sweep.rerun_out,
+                                  "mtimes": [[m, k, t] for (m, k), t in sweep.mtimes.items()]}))
+    return sweep
+
+
+def _build_tiny_sweep(root: pathlib.Path) -> TinySweep:
   started = time.perf_counter()
   proc = _start_tiny_sweep(root)
   first = root / "ce" / "seed0"
@@ -206,3 +242,4 @@ def shared_cifar10_folder() -> ImageFolder:
                 "variant of this test runs instead)")
   return ImageFolder(SHARED_CIFAR10, ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                                       "horse", "ship", "truck"), 5000)
+
