@@ -205,3 +205,89 @@ print(f"{len(timings)} timings on {jax.default_backend()}")
 # slowest form).
 # `bench/losses.py` in the repository measures the whole NST loss, forward and backward, on the paper's
 # layer shapes.
+
+# %% [markdown]
+# ## The picture: MMD² as one set drifts away, and time against channel count
+#
+# **(a) Drift.** X is n draws of N(0, I) in D = 16 dimensions; Y = X' + s is a fresh draw X' of the same
+# distribution shifted by s along every coordinate (the vector s·1, of length 4s), for s from 0 to 2. Each
+# built-in kernel's biased MMD²(X, Y) by `kernels.mmd2` (`auto`): linear, polynomial of degree 2 with
+# c = 0, and Gaussian with its default bandwidth (the mean squared distance over the pooled pairs, which
+# itself grows with s). Their scales differ by orders (the linear MMD² is ||mean x - mean y||², about
+# D s² + 2D/n; the polynomial one grows about like s⁴; the Gaussian one is at most 2), so each curve is
+# divided by its own largest value on the grid. What to expect: all three start near 0 at s = 0 (not at 0:
+# X' is another sample than X, so what is left is sampling noise, shrinking like 1/n), and grow with s;
+# the Gaussian curve bends over past s ≈ 1, as its bandwidth widens with the shift.
+#
+# **(b) Time against channels.** The value and gradient of the batched per-image MMD² (`batched_loss` and
+# `median_ms` above: jitted, median after a compiling call) for student and teacher maps of C channels each
+# at 8x8 positions, C from 16 to 256, with `method="auto"` (the fast exact form: `mean`, `spatial` or `gram`)
+# against `method="vmap"` (the definition, the pairwise kernel vmapped over every pair). Log-log axes, one
+# colour per kernel, solid for `auto`, dashed for `vmap`. What to expect: the `vmap` lines climb more
+# steeply, most of all the Gaussian's, whose ||x - y||² per pair builds the (C, C, 64) tensor; for the
+# linear and polynomial kernels XLA turns the vmapped dot products into matrix products, so their gap is
+# smaller; at the smallest C fixed per-call costs flatten every line.
+
+# %%
+DRIFT_N, DRIFT_DIM = (32, 16) if SMALL else (128, 16)
+DRIFT_SHIFTS = [2.0 * i / (8 if SMALL else 20) for i in range(9 if SMALL else 21)]  # 0 to 2.
+KERNEL_PARAMS = dict(TIMED)  # Linear, polynomial (2, 0), Gaussian with no sigma2: the default rule.
+
+X0 = jax.random.normal(jax.random.key(4), (DRIFT_N, DRIFT_DIM))
+fresh = jax.random.normal(jax.random.key(5), (DRIFT_N, DRIFT_DIM))  # X': same distribution, other draws.
+drift = {kernel: [float(kernels.mmd2(X0, fresh + s, kernel, **params)) for s in DRIFT_SHIFTS]
+         for kernel, params in KERNEL_PARAMS.items()}
+
+rows = [f"| s (n = {DRIFT_N}, D = {DRIFT_DIM}) | " + " | ".join(f"{k} MMD²" for k in drift) + " |",
+        "| --- |" + " --- |" * len(drift)]
+for i, s in enumerate(DRIFT_SHIFTS):
+  rows.append(f"| {s:.2f} | " + " | ".join(f"{values[i]:.6g}" for values in drift.values()) + " |")
+display(Markdown("\n".join(rows)))
+
+# %%
+SWEEP_BATCH, SWEEP_HW = (2, 8 * 8) if SMALL else (8, 8 * 8)
+SWEEP_CHANNELS = (16, 32, 64) if SMALL else (16, 32, 64, 128, 256)
+FORMS = ("auto", "vmap")
+
+sweep = {}  # (kernel, form) -> ms for each C.
+for c in SWEEP_CHANNELS:
+  Xb = unit_rows(jax.random.key(6), (SWEEP_BATCH, c, SWEEP_HW))
+  Yb = unit_rows(jax.random.key(7), (SWEEP_BATCH, c, SWEEP_HW))
+  for kernel, params in TIMED:
+    for form in FORMS:
+      sweep.setdefault((kernel, form), []).append(median_ms(batched_loss(kernel, form, params), Xb, Yb))
+
+rows = [f"| C (batch {SWEEP_BATCH}, 8x8), ms | " + " | ".join(f"{k}: {f}" for k, f in sweep) + " |",
+        "| --- |" + " --- |" * len(sweep)]
+for i, c in enumerate(SWEEP_CHANNELS):
+  rows.append(f"| {c} | " + " | ".join(f"{times[i]:.4g}" for times in sweep.values()) + " |")
+display(Markdown("\n".join(rows)))
+c = SWEEP_CHANNELS[-1]
+picks = {kernel: kernels.choose_method(kernel, c, c, SWEEP_HW, **params) for kernel, params in TIMED}
+print(f"auto at C = {c}: " + ", ".join(f"{k} {m}" for k, m in picks.items()))
+print(f"vmap / auto at C = {c}: " + ", ".join(
+    f"{k} {sweep[k, 'vmap'][-1] / sweep[k, 'auto'][-1]:.1f}x" for k in KERNEL_PARAMS))
+
+# %%
+# %matplotlib inline
+from matplotlib.figure import Figure  # No pyplot: `display` shows the figure once, as an image.
+
+fig = Figure(figsize=(11, 4.2), layout="constrained")
+ax_drift, ax_time = fig.subplots(1, 2)
+colours = {kernel: f"C{i}" for i, kernel in enumerate(KERNEL_PARAMS)}
+for kernel, values in drift.items():
+  ax_drift.plot(DRIFT_SHIFTS, [v / max(values) for v in values], "o-", color=colours[kernel], label=kernel)
+ax_drift.set(xlabel="shift s along every coordinate: Y = X' + s",
+             ylabel="biased MMD²(X, Y) / its largest value on the grid",
+             title=f"(a) MMD² as Y drifts from X (n = {DRIFT_N}, D = {DRIFT_DIM})")
+ax_drift.legend()
+for (kernel, form), times in sweep.items():
+  ax_time.loglog(SWEEP_CHANNELS, times, "o-" if form == "auto" else "s--", color=colours[kernel],
+                 label=f"{kernel}, {form}")
+ax_time.set(xlabel="channels C of student and teacher (8x8 positions)",
+            ylabel=f"value + gradient, ms (median of {REPEATS})",
+            title=f"(b) fast exact form (auto) against definition (vmap), batch {SWEEP_BATCH}")
+ax_time.set_xticks(SWEEP_CHANNELS, [str(c) for c in SWEEP_CHANNELS])
+ax_time.set_xticks([], minor=True)  # Only the channel counts timed, not 2 x 10^1 and so on.
+ax_time.legend(fontsize="small")
+display(fig)

@@ -133,7 +133,7 @@ def test_quickstart_runs_in_its_small_setting(kernel_env, tmp_path):
   assert _images(nb) >= 4, "curves, MMD per layer, selectivity maps and t-SNE: four figures expected"
 
 
-@pytest.mark.slow  # a notebook kernel, every method of every kernel, timings
+@pytest.mark.slow  # a notebook kernel, every method of every kernel, timings, the figure
 def test_kernels_notebook_runs_in_its_small_setting(kernel_env, tmp_path):
   nb = _run("kernels", kernel_env, tmp_path)
   text = _text(nb)
@@ -144,3 +144,34 @@ def test_kernels_notebook_runs_in_its_small_setting(kernel_env, tmp_path):
   timings = re.findall(r"^\| .+ \| (linear|polynomial|gaussian) \| (\w+) \| (\d+\.\d+) \|$", text, re.M)
   assert {method for _, method, _ in timings} == {"mean", "spatial", "gram", "vmap", "definition"}
   assert all(float(ms) > 0 for _, _, ms in timings)
+
+  # The picture: one code cell draws it, and its two tables hold the numbers drawn.
+  [figure_cell] = [cell for cell in nb.cells if cell.cell_type == "code" and "display(fig)" in cell.source]
+  assert any("image/png" in output.get("data", {}) for output in figure_cell.outputs), "no figure drawn"
+  assert _images(nb) == 1
+
+  # (a) MMD^2 as Y = X' + s drifts from X: X and X' rebuilt here from the notebook's keys and small sizes.
+  X = np.asarray(jax.random.normal(jax.random.key(4), (32, 16)), np.float64)
+  fresh = np.asarray(jax.random.normal(jax.random.key(5), (32, 16)), np.float64)
+  header = r"^\| s \(n = 32, D = 16\) \| linear MMD² \| polynomial MMD² \| gaussian MMD² \|$"
+  assert re.search(header, text, re.M), f"no drift table for n = 32, D = 16:\n{text}"
+  drift = np.array([[float(v) for v in row] for row in re.findall(
+      r"^\| (\d+\.\d+) \| ([-+.\de]+) \| ([-+.\de]+) \| ([-+.\de]+) \|$", text, re.M)])
+  np.testing.assert_allclose(drift[:, 0], np.linspace(0.0, 2.0, 9))
+  shifted = [fresh + s for s in drift[:, 0]]
+  # Linear kernel, biased: the squared distance between the two means, in closed form.
+  np.testing.assert_allclose(drift[:, 1], [np.sum((X.mean(0) - Y.mean(0)) ** 2) for Y in shifted], rtol=1e-4)
+  for column, (name, kw) in enumerate((("polynomial", {"degree": 2, "c": 0.0}), ("gaussian", {})), start=2):
+    expected = [np_reference.mmd2(X, Y, name, **kw) for Y in shifted]
+    np.testing.assert_allclose(drift[:, column], expected, rtol=2e-3, atol=1e-5, err_msg=name)
+  # What the Markdown promises: near 0 at s = 0 (sampling noise only), growing with s.
+  assert np.all(np.diff(drift[:, 1:], axis=0) > 0), drift
+  assert np.all(drift[0, 1:] < 0.1 * drift[-1, 1:]), drift
+
+  # (b) The timing table: a positive time for every channel count, kernel and form.
+  forms = [f"{k}: {form}" for k in ("linear", "polynomial", "gaussian") for form in ("auto", "vmap")]
+  assert re.search(r"^\| C \(batch 2, 8x8\), ms \| " + re.escape(" | ".join(forms)) + r" \|$", text, re.M)
+  sweep = re.findall(r"^\| (\d+) \| (.+) \|$", text, re.M)
+  assert [int(c) for c, _ in sweep] == [16, 32, 64], sweep
+  assert all(len(times.split(" | ")) == len(forms) and all(float(ms) > 0 for ms in times.split(" | "))
+             for _, times in sweep), sweep

@@ -6,6 +6,12 @@
 * `comparisons(found, methods)`: each method against `ce` and against every method of the sweep that is
   it less one part of its name (`kd_nst` against `kd` and `nst`; `nst_linear` against `nst`), on the
   last epoch's top-1.
+* `claim_rows(found, claims, references)`: the claims a config states (its module-level `CLAIMS`: "method
+  beats against", e.g. the paper's "NST with the polynomial kernel beats FitNet"), each with the paper's
+  difference (from the config's `REFERENCE`), ours, Welch's p and a verdict (`verdict`): "holds" (our
+  difference has the paper's sign and p < 0.05), "not shown" (the paper's sign, p >= 0.05), "reversed"
+  (the other sign, p < 0.05) or "not shown, opposite sign"; where the paper's two numbers are equal,
+  "differs here" or "no difference shown, as in the paper".
 * `term_rows(found, configs)`: per method, every weighted loss term's unweighted value in the first and
   the last epoch (train means over the epoch, from `results.json`) and its weighted share of the total.
 * `export(root, dest)`: a sweep's tables, curves and per-run summaries (no checkpoints) copied to a folder
@@ -30,7 +36,8 @@ BASELINE = "ce"
 # Loss terms and where their weights are in a run's config.json.
 TERM_WEIGHTS = {"ce": ("ce_weight",), "kd": ("kd_weight",), "nst": ("nst", "weight"),
                 "fitnet": ("fitnet", "weight"), "at": ("at", "weight")}
-TABLES = ("results.csv", "results.md", "comparisons.csv", "comparisons.md", "terms.csv", "terms.md",
+TABLES = ("results.csv", "results.md", "comparisons.csv", "comparisons.md", "claims.csv", "claims.md",
+          "terms.csv", "terms.md",
           "curves.png", "sweep.json")
 RUN_FILES = ("results.json", "run.json", "config.json")
 
@@ -87,6 +94,51 @@ def comparisons(found: dict[str, dict[int, dict]], methods: list[str]) -> list[d
                    "t": test.t if test else None, "dof": test.dof if test else None,
                    "p": test.p if test else None, "separated": test.separated if test else None})
   return rows
+
+
+def verdict(paper_difference: float | None, difference: float | None, p: float | None) -> str:
+  """Whether a claimed difference (the paper's sign; positive when it has none) shows in ours."""
+  if difference is None or p is None:
+    return "no test (fewer than 2 runs a side)"
+  if paper_difference == 0:  # The paper's two numbers are equal.
+    return "differs here" if p < 0.05 else "no difference shown, as in the paper"
+  same = (difference > 0) == ((1.0 if paper_difference is None else paper_difference) > 0)
+  if p < 0.05:
+    return "holds" if same else "reversed"
+  return "not shown" if same else "not shown, opposite sign"
+
+
+def claim_rows(found: dict[str, dict[int, dict]], claims, references: dict) -> list[dict]:
+  """One row per claim `(method, against, claim)`: the paper's difference in top-1 points (None where
+  `references` lacks a side), ours over seeds with Welch's test, and `verdict`."""
+  rows = []
+  for method, against, claim in claims:
+    a, b = _values(found.get(method, {})), _values(found.get(against, {}))
+    test = welch(a, b)
+    paper = (references[method][0] - references[against][0]
+             if method in references and against in references else None)
+    difference = float(np.mean(a) - np.mean(b)) if a and b else None
+    rows.append({"claim": claim, "method": method, "against": against, "n": len(a), "n_against": len(b),
+                 "paper_difference": paper, "difference": difference, "p": test.p if test else None,
+                 "verdict": verdict(paper, difference, test.p if test else None)})
+  return rows
+
+
+def claims_markdown(rows: list[dict], title: str) -> str:
+  lines = [f"# {title}: the paper's claims", "",
+           "Each claim as a difference in last top-1 (percentage points): the paper's (from its table, "
+           "100 - error) and ours (mean over seeds), with Welch's two-sided p. holds: our difference has "
+           "the paper's sign and p < 0.05; not shown: the paper's sign, p >= 0.05 (three seeds show only "
+           "large differences); reversed: the other sign, p < 0.05.", "",
+           "| claim | method | against | n | paper | ours | p | verdict |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    p = "" if r["p"] is None else ("< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}")
+    paper = "" if r["paper_difference"] is None else f"{r['paper_difference']:+.2f}"
+    ours = "" if r["difference"] is None else f"{r['difference']:+.2f}"
+    lines.append(f"| {r['claim']} | {r['method']} | {r['against']} | {r['n']} vs {r['n_against']} | "
+                 f"{paper} | {ours} | {p} | {r['verdict']} |")
+  return "\n".join(lines) + "\n"
 
 
 def _weight(config: dict, term: str) -> float:

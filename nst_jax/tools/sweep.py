@@ -37,7 +37,9 @@ the published top-1 accuracy the config quotes for that method (its module-level
 
 Reading (`nst_jax/tools/analysis.py`): `<root>/comparisons.{csv,md}`, each method against `ce` and against the
 methods it extends by one term (`kd_nst` vs `kd` and `nst`), with Welch's t-test on the last top-1 over
-seeds; `<root>/terms.{csv,md}`, each weighted loss term's value in the first and last epoch and its share
+seeds; `<root>/claims.{csv,md}`, when the config states `CLAIMS` ((method, against, claim) triples, e.g.
+the paper's "KD + NST beats KD + FitNet"), each claim's difference in the paper and here, with a verdict;
+`<root>/terms.{csv,md}`, each weighted loss term's value in the first and last epoch and its share
 of the total loss. `--report --export DIR` copies tables, curves and the runs' results.json / run.json /
 config.json (absolute paths made relative to the repository; no checkpoints) to a folder to commit.
 
@@ -442,9 +444,10 @@ def _pm(mean, std) -> str:
 def report(root: str) -> list[dict]:
   """Writes results.csv, results.md, curves.png and each finished run's curves.png; returns the rows."""
   spec = read_spec(root)
-  refs = {}
+  refs, claims = {}, ()
   try:
-    refs = references(load_config_module(spec["config"]))
+    module = load_config_module(spec["config"])
+    refs, claims = references(module), tuple(getattr(module, "CLAIMS", ()))
   except Exception as error:  # noqa: BLE001 -- the tables do not need the references to be useful.
     print(f"sweep: no references ({spec['config']} does not load here: {error})", file=sys.stderr)
   found = collect(spec)
@@ -454,7 +457,7 @@ def report(root: str) -> list[dict]:
     rows.append(method_row(TEACHER, {_seed_of(teacher_dir(spec)): teacher}, 1, refs.get(TEACHER)))
   name = pathlib.Path(spec["config"]).stem
   write_tables(root, rows, f"{name}: {len(spec['methods'])} method(s) x {len(spec['seeds'])} seed(s)")
-  write_analysis(root, spec, found, name)
+  write_analysis(root, spec, found, name, claims, refs)
   teacher_top1 = next((r["teacher_top1"] for r in rows if r["teacher_top1"] is not None), None)
   histories = {m: [r["epochs"] for r in found[m].values() if r.get("epochs")] for m in spec["methods"]}
   curves.save(curves.sweep_figure(histories, teacher_top1, f"{name}: evaluation top-1 by epoch"),
@@ -478,11 +481,18 @@ def _write_csv(path: str, rows: list[dict], columns: Sequence[str] | None = None
   rundir.write_text(path, text.getvalue())
 
 
-def write_analysis(root: str, spec: dict, found: dict[str, dict[int, dict]], name: str) -> None:
-  """`comparisons.{csv,md}` (Welch tests between methods) and `terms.{csv,md}` (loss-term shares)."""
+def write_analysis(root: str, spec: dict, found: dict[str, dict[int, dict]], name: str, claims=(),
+                   refs: dict | None = None) -> None:
+  """`comparisons.{csv,md}` (Welch tests between methods), `claims.{csv,md}` (the config's `CLAIMS`, when
+  it states any, against the paper's differences) and `terms.{csv,md}` (loss-term shares)."""
   pairs = analysis.comparisons(found, spec["methods"])
   _write_csv(os.path.join(root, "comparisons.csv"), pairs)
   rundir.write_text(os.path.join(root, "comparisons.md"), analysis.comparisons_markdown(pairs, name))
+  swept = [c for c in claims if c[0] in spec["methods"] and c[1] in spec["methods"]]
+  if swept:
+    rows = analysis.claim_rows(found, swept, refs or {})
+    _write_csv(os.path.join(root, "claims.csv"), rows)
+    rundir.write_text(os.path.join(root, "claims.md"), analysis.claims_markdown(rows, name))
   configs = {m: {k: rundir.read_config(run_dir(root, m, k)) for k in runs} for m, runs in found.items()}
   terms = analysis.term_rows(found, configs)
   _write_csv(os.path.join(root, "terms.csv"), terms)

@@ -4,7 +4,7 @@
     python -m nst_jax.tools.viz tsne --workdir W [--compare W2] [--tap S:T] [--num_images 8] [--seed 0] \
       --out DIR
     python -m nst_jax.tools.viz mmd --workdir W_OR_SWEEP_ROOT [--kernels linear,polynomial,gaussian] \
-      --out DIR
+      [--previous MMD_JSON] --out DIR
     python -m nst_jax.tools.viz curves --workdir W_OR_SWEEP_ROOT --out DIR
     (every command also takes [--teacher T] [--dpi 150])
 
@@ -30,7 +30,8 @@ write `DIR/<command>.png` and, beside it, `DIR/<command>.json` with the numbers 
   of the per-image MMD^2, V-statistic unless the run is unbiased, W's resize rule) at every tap pair of
   the config's `distill.nst.layers`, over the whole eval split, for each kernel; a bar chart per kernel.
   For a sweep root (`<root>/sweep.json`), per method: the mean over its finished seeds, the sample std
-  (n - 1) as error bars and every seed as a dot.
+  (n - 1) as error bars and every seed as a dot. `--previous` takes the runs an earlier `mmd.json` of
+  the sweep measured from it (a sweep exported without checkpoints, then extended).
 * `curves`: `nst_jax.tools.curves`' figures: for a run its train losses and accuracies, for a sweep root every
   method's evaluation top-1 by epoch (mean and min-max band over seeds).
 
@@ -60,6 +61,7 @@ functions (`top_channels`, `channel_maps`, `upsample`, `selectivity_maps`, `chan
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 import re
@@ -126,8 +128,7 @@ class Run:
   @property
   def name(self) -> str:
     """The run's folder name; `<method>/seed<k>` for a run in a sweep."""
-    path = pathlib.Path(self.workdir)
-    return f"{path.parent.name}/{path.name}" if re.fullmatch(r"seed\d+", path.name) else path.name
+    return _run_name(self.workdir)
 
   @property
   def num_eval(self) -> int:
@@ -506,10 +507,21 @@ def _method_workdirs(path: str) -> tuple[dict[str, list[str]], str | None]:
   return groups, sweep.teacher_dir(spec)
 
 
+def _run_name(workdir: str) -> str:
+  """A run's name in the numbers: its folder name; `<method>/seed<k>` for a run in a sweep."""
+  path = pathlib.Path(workdir)
+  return f"{path.parent.name}/{path.name}" if re.fullmatch(r"seed\d+", path.name) else path.name
+
+
 def mmd_per_layer(workdir_or_sweep_root, kernels: Sequence[str] = KERNELS, *,
-                  teacher: str | None = None) -> tuple[Figure, dict]:
+                  teacher: str | None = None, previous: dict | None = None) -> tuple[Figure, dict]:
   """The `mmd` bar chart and its numbers (see the module docstring); `mmd_table(numbers)` is the table.
-  `kernels` (the API's name; it shadows the module here) are names from `KERNELS`."""
+  `kernels` (the API's name; it shadows the module here) are names from `KERNELS`.
+
+  `previous`: the numbers of an earlier `mmd` of the same sweep (its `mmd.json`). A run it has measured
+  is taken from it rather than measured again, so a sweep exported without checkpoints keeps its numbers
+  when more runs are added; its kernels, tap pairs, kernel settings and split must be this measurement's.
+  """
   kernel_names = tuple(kernels)
   unknown = [k for k in kernel_names if k not in KERNELS]
   if unknown or not kernel_names:
@@ -518,23 +530,52 @@ def mmd_per_layer(workdir_or_sweep_root, kernels: Sequence[str] = KERNELS, *,
     groups, sweep_teacher = {"": [workdir_or_sweep_root]}, None
   else:
     groups, sweep_teacher = _method_workdirs(os.path.abspath(workdir_or_sweep_root))
+  known = {name: values for entry in (previous or {}).get("methods", {}).values()
+           for name, values in entry["runs"].items()}
+  if previous and not set(kernel_names) <= set(previous["kernels"]):
+    raise VizError(f"The previous numbers have kernels {previous['kernels']}, not all of "
+                   f"{list(kernel_names)}: measure again without them.")
   numbers, pairs = {"kernels": list(kernel_names), "methods": {}}, None
   for method, workdirs in groups.items():
     per_run = {}
     for workdir in workdirs:
+      name = workdir.name if isinstance(workdir, Run) else _run_name(workdir)
+      if name in known:
+        per_run[name] = {k: known[name][k] for k in kernel_names}
+        continue
       run = load(workdir, teacher or sweep_teacher)
       if pairs is None:  # The first run's pairs, for every run.
         pairs = run.taps
         numbers.update(taps=[f"{s}:{t}" for s, t in pairs], split=run.config.data.eval_split,
                        teacher_workdir=run.teacher_workdir,
-                       kernel_params={name: run.kernel_params(name) for name in kernel_names})
-      per_run[run.name], numbers["images"] = eval_mmd2(run, kernel_names, pairs)
-    stats = {name: {tap: sweep.mean_std([r[name][tap] for r in per_run.values()]) for tap in numbers["taps"]}
-             for name in kernel_names}
-    numbers["methods"][method or run.name] = {
+                       kernel_params={k: run.kernel_params(k) for k in kernel_names})
+      per_run[name], numbers["images"] = eval_mmd2(run, kernel_names, pairs)
+    numbers["methods"][method or name] = per_run
+  if previous:
+    _check_same_measurement(numbers, previous, kernel_names)
+  for method, per_run in numbers["methods"].items():
+    stats = {k: {tap: sweep.mean_std([r[k][tap] for r in per_run.values()]) for tap in numbers["taps"]}
+             for k in kernel_names}
+    numbers["methods"][method] = {
         "runs": per_run, "mean": {n: {t: v[0] for t, v in s.items()} for n, s in stats.items()},
         "std": {n: {t: v[1] for t, v in s.items()} for n, s in stats.items()}}
   return _mmd_figure(numbers), numbers
+
+
+def _check_same_measurement(numbers: dict, previous: dict, kernel_names: Sequence[str]) -> None:
+  """Fills in what only `previous` measured; raises VizError where it measured something else."""
+  if "taps" not in numbers:  # Every run came from `previous`.
+    numbers.update({key: previous[key] for key in ("taps", "split", "teacher_workdir", "images")},
+                   kernel_params={k: previous["kernel_params"][k] for k in kernel_names})
+    return
+  for key in ("taps", "split", "images"):
+    if numbers[key] != previous[key]:
+      raise VizError(f"The previous numbers were measured with {key} {previous[key]!r}, these with "
+                     f"{numbers[key]!r}: measure every run again (without the previous numbers).")
+  for k in kernel_names:
+    if numbers["kernel_params"][k] != previous["kernel_params"][k]:
+      raise VizError(f"The previous numbers used the {k} kernel with {previous['kernel_params'][k]}, these "
+                     f"with {numbers['kernel_params'][k]}: measure every run again.")
 
 
 def _mmd_figure(numbers: dict) -> Figure:
@@ -608,7 +649,7 @@ def curves(workdir_or_sweep_root) -> Figure:
 
 # The options each command takes besides --workdir, --teacher, --out and --dpi.
 _OPTIONS = {"selectivity": {"tap", "images", "k"}, "tsne": {"compare", "tap", "images", "num_images", "seed"},
-            "mmd": {"kernels"}, "curves": set()}
+            "mmd": {"kernels", "previous"}, "curves": set()}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -628,6 +669,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--num_images", type=int, help="tsne: images spread over the split (default 8)")
   parser.add_argument("--seed", type=int, help="tsne: PCA and t-SNE seed (default 0)")
   parser.add_argument("--kernels", help=f"mmd: comma-separated kernels (default {','.join(KERNELS)})")
+  parser.add_argument("--previous", metavar="MMD_JSON",
+                      help="mmd: an earlier mmd.json of the same sweep; its runs are not measured again")
   return parser
 
 
@@ -655,7 +698,13 @@ def _draw(args) -> tuple[Figure, dict | None, str | None]:
                            teacher=args.teacher)
   elif args.command == "mmd":
     names = [k.strip() for k in args.kernels.split(",")] if args.kernels else KERNELS
-    figure, numbers = mmd_per_layer(args.workdir, names, teacher=args.teacher)
+    previous = None
+    if args.previous:
+      try:
+        previous = json.loads(pathlib.Path(args.previous).read_text())
+      except (OSError, ValueError) as error:
+        raise VizError(f"--previous {args.previous!r} cannot be read as an mmd.json ({error}).") from None
+    figure, numbers = mmd_per_layer(args.workdir, names, teacher=args.teacher, previous=previous)
     return figure, numbers, mmd_table(numbers)
   else:
     if args.teacher:

@@ -114,3 +114,35 @@ def test_export_copies_tables_and_summaries_not_checkpoints(tmp_path):
   assert (dest / "results.md").read_text() == "| table |\n"
   stored = json.loads((dest / "nst" / "seed0" / "run.json").read_text())
   assert not os.path.isabs(stored["workdir"]) and stored["wall_s"] == 1.5
+
+
+def test_claims_against_the_papers_differences():
+  found = {"nst": {0: {"last_top1": 65.0}, 1: {"last_top1": 65.2}, 2: {"last_top1": 65.4}},
+           "fitnet": {0: {"last_top1": 63.0}, 1: {"last_top1": 63.1}, 2: {"last_top1": 63.3}},
+           "at": {0: {"last_top1": 65.1}, 1: {"last_top1": 65.5}, 2: {"last_top1": 64.9}},
+           "kd": {0: {"last_top1": 66.0}, 1: {"last_top1": 66.1}, 2: {"last_top1": 66.3}},
+           "one": {0: {"last_top1": 60.0}}}
+  references = {"nst": (95.61, "s"), "fitnet": (95.25, "s"), "at": (95.36, "s"), "kd": (95.53, "s"),
+                "one": (95.53, "s")}
+  claims = [("nst", "fitnet", "NST beats FitNet"), ("nst", "at", "NST beats AT"),
+            ("nst", "kd", "NST beats KD"), ("kd", "nst", "KD loses to NST"), ("nst", "one", "n = 1"),
+            ("kd", "one", "equal in the paper")]
+  rows = {(r["method"], r["against"]): r for r in analysis.claim_rows(found, claims, references)}
+  row = rows["nst", "fitnet"]
+  assert row["paper_difference"] == pytest.approx(0.36)
+  assert row["difference"] == pytest.approx(2.0667, abs=1e-4)
+  p = stats.ttest_ind([65.0, 65.2, 65.4], [63.0, 63.1, 63.3], equal_var=False).pvalue
+  assert row["p"] == pytest.approx(p) and p < 0.05 and row["verdict"] == "holds"
+  assert rows["nst", "at"]["verdict"] == "not shown"  # +0.03 here, p far above 0.05
+  assert rows["nst", "kd"]["verdict"] == "reversed"  # the paper +0.08; here -0.93 with p < 0.05
+  assert rows["kd", "nst"]["verdict"] == "reversed"  # the same pair turned round: the paper -0.08, here +0.93
+  assert rows["nst", "one"]["verdict"].startswith("no test") and rows["nst", "one"]["p"] is None
+  assert rows["kd", "one"]["verdict"].startswith("no test")
+  table = analysis.claims_markdown(list(rows.values()), "t")
+  assert "| NST beats FitNet | nst | fitnet | 3 vs 3 | +0.36 | +2.07 |" in table
+
+
+def test_a_claim_the_paper_finds_no_difference_for():
+  assert analysis.verdict(0.0, 0.4, 0.3) == "no difference shown, as in the paper"
+  assert analysis.verdict(0.0, -1.4, 0.01) == "differs here"
+  assert analysis.verdict(-0.33, 0.2, 0.6) == "not shown, opposite sign"

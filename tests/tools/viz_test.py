@@ -10,6 +10,7 @@ resized and normalised in NumPy; every PNG the command line writes (opens, the d
 blank); its one-line errors.
 """
 
+import copy
 import json
 import pathlib
 import shutil
@@ -193,8 +194,13 @@ def test_load_finds_the_teacher_and_the_eval_images(run, root, reference):
   assert viz.load(root / "ce" / "seed0").teacher_workdir == str(root / "teacher")
 
 
-def test_mmd_per_layer_over_the_eval_split_against_numpy(root, reference):
-  figure, numbers = viz.mmd_per_layer(root)
+@pytest.fixture(scope="module")
+def mmd(root):
+  return viz.mmd_per_layer(root)
+
+
+def test_mmd_per_layer_over_the_eval_split_against_numpy(mmd, reference):
+  figure, numbers = mmd
   assert isinstance(figure, Figure) and len(figure.axes) == 3
   assert numbers["taps"] == TAPS and numbers["images"] == NUM_EVAL
   assert sorted(numbers["methods"]) == ["ce", "kd_nst"]
@@ -217,6 +223,30 @@ def test_mmd_per_layer_over_the_eval_split_against_numpy(root, reference):
   table = viz.mmd_table(numbers)
   assert "| kd_nst | 2 | gaussian |" in table and "stage3:stage3" in table
   json.dumps(numbers)
+
+
+def test_mmd_of_an_exported_sweep_reuses_the_previous_numbers(mmd, root, tmp_path):
+  """A copy of the sweep without checkpoints but kd_nst/seed1's (and the teacher's): the runs the
+  previous numbers hold come from them, kd_nst/seed1 is measured, and together they are the full
+  measurement. Without those numbers the copy cannot be measured; other numbers are refused."""
+  _, full = mmd
+  exported = tmp_path / "root"
+  shutil.copytree(root, exported)
+  for run in ("ce/seed0", "ce/seed1", "kd_nst/seed0"):
+    shutil.rmtree(exported / run / "checkpoints")
+  previous = copy.deepcopy(full)
+  del previous["methods"]["kd_nst"]["runs"]["kd_nst/seed1"]
+  _, numbers = viz.mmd_per_layer(exported, previous=previous)
+  assert numbers["methods"] == full["methods"]  # kd_nst/seed1 measured again, bit for bit
+  assert {k: numbers[k] for k in ("taps", "images", "split")} == {k: full[k] for k in ("taps", "images",
+                                                                                       "split")}
+  with pytest.raises(viz.VizError, match="has no checkpoint"):
+    viz.mmd_per_layer(exported)
+  previous["images"] = 10
+  with pytest.raises(viz.VizError, match="images 10"):
+    viz.mmd_per_layer(exported, previous=previous)
+  with pytest.raises(viz.VizError, match="kernels"):
+    viz.mmd_per_layer(exported, previous={**previous, "kernels": ["linear"]})
 
 
 def test_selectivity_numbers_against_numpy(run, reference):
