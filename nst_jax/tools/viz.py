@@ -31,7 +31,8 @@ write `DIR/<command>.png` and, beside it, `DIR/<command>.json` with the numbers 
   the config's `distill.nst.layers`, over the whole eval split, for each kernel; a bar chart per kernel.
   For a sweep root (`<root>/sweep.json`), per method: the mean over its finished seeds, the sample std
   (n - 1) as error bars and every seed as a dot. `--previous` takes the runs an earlier `mmd.json` of
-  the sweep measured from it (a sweep exported without checkpoints, then extended).
+  the sweep measured from it (a sweep exported without checkpoints, then extended); a run with neither
+  a checkpoint nor previous numbers is left out (said on stderr, listed in the JSON's `left_out`).
 * `curves`: `nst_jax.tools.curves`' figures: for a run its train losses and accuracies, for a sweep root every
   method's evaluation top-1 by epoch (mean and min-max band over seeds).
 
@@ -521,6 +522,8 @@ def mmd_per_layer(workdir_or_sweep_root, kernels: Sequence[str] = KERNELS, *,
   `previous`: the numbers of an earlier `mmd` of the same sweep (its `mmd.json`). A run it has measured
   is taken from it rather than measured again, so a sweep exported without checkpoints keeps its numbers
   when more runs are added; its kernels, tap pairs, kernel settings and split must be this measurement's.
+  A sweep's run with neither a checkpoint nor previous numbers is left out, said on stderr and in
+  `numbers["left_out"]`; the table's n counts the runs measured.
   """
   kernel_names = tuple(kernels)
   unknown = [k for k in kernel_names if k not in KERNELS]
@@ -535,13 +538,18 @@ def mmd_per_layer(workdir_or_sweep_root, kernels: Sequence[str] = KERNELS, *,
   if previous and not set(kernel_names) <= set(previous["kernels"]):
     raise VizError(f"The previous numbers have kernels {previous['kernels']}, not all of "
                    f"{list(kernel_names)}: measure again without them.")
-  numbers, pairs = {"kernels": list(kernel_names), "methods": {}}, None
+  numbers, pairs = {"kernels": list(kernel_names), "methods": {}, "left_out": {}}, None
   for method, workdirs in groups.items():
     per_run = {}
     for workdir in workdirs:
       name = workdir.name if isinstance(workdir, Run) else _run_name(workdir)
       if name in known:
         per_run[name] = {k: known[name][k] for k in kernel_names}
+        continue
+      if method and not _has_checkpoint(workdir):  # A sweep's run exported without its checkpoints.
+        numbers["left_out"][name] = "no checkpoint and not in the previous numbers"
+        print(f"viz mmd: {name} left out: it has no checkpoint (an exported run?) and no previous numbers",
+              file=sys.stderr)
         continue
       run = load(workdir, teacher or sweep_teacher)
       if pairs is None:  # The first run's pairs, for every run.
@@ -550,7 +558,11 @@ def mmd_per_layer(workdir_or_sweep_root, kernels: Sequence[str] = KERNELS, *,
                        teacher_workdir=run.teacher_workdir,
                        kernel_params={k: run.kernel_params(k) for k in kernel_names})
       per_run[name], numbers["images"] = eval_mmd2(run, kernel_names, pairs)
-    numbers["methods"][method or name] = per_run
+    if per_run:
+      numbers["methods"][method or name] = per_run
+  if not numbers["methods"]:
+    raise VizError(f"No run of the sweep root {workdir_or_sweep_root!r} has a checkpoint or previous numbers "
+                   f"(left out: {', '.join(numbers['left_out'])}); viz reads each run's latest checkpoint.")
   if previous:
     _check_same_measurement(numbers, previous, kernel_names)
   for method, per_run in numbers["methods"].items():
@@ -560,6 +572,11 @@ def mmd_per_layer(workdir_or_sweep_root, kernels: Sequence[str] = KERNELS, *,
         "runs": per_run, "mean": {n: {t: v[0] for t, v in s.items()} for n, s in stats.items()},
         "std": {n: {t: v[1] for t, v in s.items()} for n, s in stats.items()}}
   return _mmd_figure(numbers), numbers
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = pathlib.Path(checkpoints.checkpoint_dir(workdir))
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _check_same_measurement(numbers: dict, previous: dict, kernel_names: Sequence[str]) -> None:
@@ -616,6 +633,8 @@ def mmd_table(numbers: dict) -> str:
       std = entry["std"][name]
       cells = [f"{entry['mean'][name][t]:.5g}" + ("" if std[t] is None else f" ± {std[t]:.2g}") for t in taps]
       lines.append(f"| {method} | {len(entry['runs'])} | {name} | {' | '.join(cells)} |")
+  if numbers.get("left_out"):
+    lines += ["", f"Left out (no checkpoint, no previous numbers): {', '.join(numbers['left_out'])}."]
   return "\n".join(lines) + "\n"
 
 

@@ -228,7 +228,7 @@ def test_mmd_per_layer_over_the_eval_split_against_numpy(mmd, reference):
 def test_mmd_of_an_exported_sweep_reuses_the_previous_numbers(mmd, root, tmp_path):
   """A copy of the sweep without checkpoints but kd_nst/seed1's (and the teacher's): the runs the
   previous numbers hold come from them, kd_nst/seed1 is measured, and together they are the full
-  measurement. Without those numbers the copy cannot be measured; other numbers are refused."""
+  measurement. Without those numbers the other runs are left out; other numbers are refused."""
   _, full = mmd
   exported = tmp_path / "root"
   shutil.copytree(root, exported)
@@ -240,13 +240,20 @@ def test_mmd_of_an_exported_sweep_reuses_the_previous_numbers(mmd, root, tmp_pat
   assert numbers["methods"] == full["methods"]  # kd_nst/seed1 measured again, bit for bit
   assert {k: numbers[k] for k in ("taps", "images", "split")} == {k: full[k] for k in ("taps", "images",
                                                                                        "split")}
-  with pytest.raises(viz.VizError, match="has no checkpoint"):
-    viz.mmd_per_layer(exported)
   previous["images"] = 10
   with pytest.raises(viz.VizError, match="images 10"):
     viz.mmd_per_layer(exported, previous=previous)
   with pytest.raises(viz.VizError, match="kernels"):
     viz.mmd_per_layer(exported, previous={**previous, "kernels": ["linear"]})
+  _, measured = viz.mmd_per_layer(exported)  # Without them: the run with a checkpoint, the rest left out.
+  assert measured["methods"] == {"kd_nst": {"runs": {"kd_nst/seed1": full["methods"]["kd_nst"]["runs"][
+      "kd_nst/seed1"]}, "mean": measured["methods"]["kd_nst"]["mean"],
+      "std": {k: dict.fromkeys(TAPS) for k in viz.KERNELS}}}
+  assert sorted(measured["left_out"]) == ["ce/seed0", "ce/seed1", "kd_nst/seed0"]
+  assert "Left out (no checkpoint, no previous numbers): ce/seed0" in viz.mmd_table(measured)
+  shutil.rmtree(exported / "kd_nst" / "seed1" / "checkpoints")
+  with pytest.raises(viz.VizError, match="No run of the sweep root"):
+    viz.mmd_per_layer(exported)
 
 
 def test_selectivity_numbers_against_numpy(run, reference):
