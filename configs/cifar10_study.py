@@ -45,7 +45,9 @@ min beside another run; 92 min for the required grid's sweep with its teacher.
 
 Expected validation accuracy: no published number for this setup. Measured (last top-1, mean ± std over
 seeds 0-2, 2026-12-02): `ce` 61.92 ± 0.26, `kd` 64.69 ± 0.24, `nst` 65.19 ± 0.13, `kd_nst` 65.59 ± 0.25;
-teacher 66.20 (`results/cifar10_folder/`).
+teacher 66.20. The other methods (2026-12-03, from a retrained teacher at 66.82): `nst_linear` 63.75 ±
+0.44, `nst_gaussian` 65.70 ± 0.10 (seed 0 of both from the first teacher), `fitnet` 64.13 ± 0.20, `at`
+63.22 ± 0.59, `kd_fitnet` 66.38 ± 0.34, `kd_fitnet_nst` 65.54 ± 0.31 (`results/cifar10_folder/`).
 
 The paper's CIFAR-10 numbers (Huang and Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity
 Transfer", arXiv 1707.01219: the CIFAR-10 column of its table of error rates for ResNet-1001 ->
