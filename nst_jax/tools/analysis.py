@@ -82,18 +82,20 @@ def _values(runs: dict[int, dict], metric: str = METRIC) -> list[float]:
   return [float(r[metric]) for _, r in sorted(runs.items()) if metric in r]
 
 
+def compare(found: dict[str, dict[int, dict]], method: str, against: str) -> dict:
+  """`method` against `against` on the last epoch's top-1 over seeds: n per side, the difference of the
+  means and Welch's test (None where a side has too few runs)."""
+  a, b = _values(found.get(method, {})), _values(found.get(against, {}))
+  test = welch(a, b)
+  return {"method": method, "against": against, "n": len(a), "n_against": len(b),
+          "difference": float(np.mean(a) - np.mean(b)) if a and b else None,
+          "t": test.t if test else None, "dof": test.dof if test else None,
+          "p": test.p if test else None, "separated": test.separated if test else None}
+
+
 def comparisons(found: dict[str, dict[int, dict]], methods: list[str]) -> list[dict]:
-  """One row per (method, reference method) pair, on the last epoch's top-1 over seeds."""
-  rows = []
-  for method in methods:
-    for other in references_of(method, methods):
-      a, b = _values(found.get(method, {})), _values(found.get(other, {}))
-      test = welch(a, b)
-      rows.append({"method": method, "against": other, "n": len(a), "n_against": len(b),
-                   "difference": float(np.mean(a) - np.mean(b)) if a and b else None,
-                   "t": test.t if test else None, "dof": test.dof if test else None,
-                   "p": test.p if test else None, "separated": test.separated if test else None})
-  return rows
+  """One row per (method, reference method) pair (`compare`)."""
+  return [compare(found, method, other) for method in methods for other in references_of(method, methods)]
 
 
 def verdict(paper_difference: float | None, difference: float | None, p: float | None) -> str:
@@ -113,14 +115,13 @@ def claim_rows(found: dict[str, dict[int, dict]], claims, references: dict) -> l
   `references` lacks a side), ours over seeds with Welch's test, and `verdict`."""
   rows = []
   for method, against, claim in claims:
-    a, b = _values(found.get(method, {})), _values(found.get(against, {}))
-    test = welch(a, b)
+    pair = compare(found, method, against)
     paper = (references[method][0] - references[against][0]
              if method in references and against in references else None)
-    difference = float(np.mean(a) - np.mean(b)) if a and b else None
-    rows.append({"claim": claim, "method": method, "against": against, "n": len(a), "n_against": len(b),
-                 "paper_difference": paper, "difference": difference, "p": test.p if test else None,
-                 "verdict": verdict(paper, difference, test.p if test else None)})
+    rows.append({"claim": claim, "method": method, "against": against, "n": pair["n"],
+                 "n_against": pair["n_against"], "paper_difference": paper,
+                 "difference": pair["difference"], "p": pair["p"],
+                 "verdict": verdict(paper, pair["difference"], pair["p"])})
   return rows
 
 
