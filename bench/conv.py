@@ -22,10 +22,11 @@ step (fwd + dx + dw), the part of the step this module changes; "vs torch" is Py
 rows of one run only.
 
 `--forms` (implied by `--write-table`) then times, for every `groups == 1` configuration, each exact
-formulation of the two gradients that `nst_jax.models.conv` offers (`conv.DX_FORMS`, `conv.DW_FORMS`;
-"xla" is XLA's own), interleaved as above, and prints their GFLOP/s at the fastest round (interference
-from other processes only ever slows a round down, so the fastest round is the least disturbed).
-`--write-table PATH` writes the fastest form of each gradient per configuration as the JSON table
+formulation of the forward pass and of the two gradients that `nst_jax.models.conv` offers
+(`conv.FORMS`; "xla" is XLA's own), interleaved as above, and prints their GFLOP/s at the fastest round
+(interference from other processes only ever slows a round down, so the fastest round is the least
+disturbed).
+`--write-table PATH` writes the fastest form of each pass per configuration as the JSON table
 `conv.choose` reads (`nst_jax/models/conv_table.json` is the shipped one; `conv.set_table(PATH)` or
 NST_JAX_CONV_TABLE=PATH selects another), with the machine, the command and the load average.
 """
@@ -136,28 +137,32 @@ def torch_programs(shape: Shape, dtype_name: str):
 
 
 def form_programs(shape: Shape, inputs):
-  """{(pass, form): (compiled fn, args)} of every gradient formulation applicable to a `groups == 1` shape."""
+  """{(pass, form): (compiled fn, args)} of every formulation of the forward pass and of the two gradients
+  applicable to a `groups == 1` shape ("xla": XLA's own)."""
   x, kernel, grad = inputs
+  xla = functools.partial(conv.xla_conv, strides=shape.strides, padding=shape.padding, groups=1)
+  s, p = shape.strides, shape.padding
+  own = {
+      "fwd": (lambda form: lambda x_, k: conv.forward(x_, k, s, p, form), (x, kernel)),
+      "dx": (lambda form: lambda k, g: conv.input_grad(g, k, shape.x[1:3], s, p, form), (kernel, grad)),
+      "dw": (lambda form: lambda x_, g: conv.kernel_grad(x_, g, shape.kernel[:2], s, p, form), (x, grad)),
+  }
+  reference = {
+      "fwd": xla,
+      "dx": lambda k, g: jax.vjp(lambda x_: xla(x_, k), x)[1](g)[0],
+      "dw": lambda x_, g: jax.vjp(lambda k_: xla(x_, k_), kernel)[1](g)[0],
+  }
   progs = {}
-  for form in conv.DX_FORMS:
-    if form == "xla":
-      fn = lambda k, g: jax.vjp(lambda x_: conv.xla_conv(x_, k, shape.strides, shape.padding, 1), x)[1](g)[0]
-    elif conv.form_applies("dx", form, shape.kernel, shape.strides, shape.padding):
-      fn = functools.partial(lambda k, g, form: conv.input_grad(g, k, shape.x[1:3], shape.strides,
-                                                                shape.padding, form), form=form)
-    else:
-      continue
-    progs[("dx", form)] = (jax.jit(fn).lower(kernel, grad).compile(), (kernel, grad))
-  for form in conv.DW_FORMS:
-    if form == "xla":
-      fn = lambda x_, g: jax.vjp(lambda k_: conv.xla_conv(x_, k_, shape.strides, shape.padding, 1),
-                                 kernel)[1](g)[0]
-    elif conv.form_applies("dw", form, shape.kernel, shape.strides, shape.padding):
-      fn = functools.partial(lambda x_, g, form: conv.kernel_grad(x_, g, shape.kernel[:2], shape.strides,
-                                                                  shape.padding, form), form=form)
-    else:
-      continue
-    progs[("dw", form)] = (jax.jit(fn).lower(x, grad).compile(), (x, grad))
+  for part, forms in conv.FORMS.items():
+    make, args = own[part]
+    for form in forms:
+      if form == "xla":
+        fn = reference[part]
+      elif conv.form_applies(part, form, shape.kernel, shape.strides, shape.padding):
+        fn = make(form)
+      else:
+        continue
+      progs[(part, form)] = (jax.jit(fn).lower(*args).compile(), args)
   return progs
 
 
@@ -182,10 +187,10 @@ def load_average() -> str:
 def run_forms(uses, batch_dtype, rounds, table_path, command):
   """Times every formulation per `groups == 1` configuration; writes the table if `table_path`."""
   load_before = load_average()
-  print(f"\ngradient formulations, GFLOP/s at the fastest of {rounds} interleaved rounds (load average "
-        f"{load_before}); * the fastest")
-  header = f"{'shape (HxW Cin->Cout k s)':<28}" + "".join(f"{'dx ' + f:>10}" for f in conv.DX_FORMS) + \
-      "".join(f"{'dw ' + f:>10}" for f in conv.DW_FORMS)
+  print(f"\nformulations of each pass, GFLOP/s at the fastest of {rounds} interleaved rounds (load "
+        f"average {load_before}); * the fastest")
+  header = f"{'shape (HxW Cin->Cout k s)':<28}" + "".join(
+      f"{part + ' ' + f:>11}" for part, forms in conv.FORMS.items() for f in forms)
   print(header)
   print("-" * len(header), flush=True)
   entries = {}
@@ -196,10 +201,9 @@ def run_forms(uses, batch_dtype, rounds, table_path, command):
     progs = form_programs(shape, inputs)
     best = time_interleaved(progs, rounds, statistic=min)
     fl = flops(shape)
-    choice = {p: min((best[k], k[1]) for k in best if k[0] == p)[1] for p in ("dx", "dw")}
-    cells = "".join(f"{fl / best[(p, f)] / 1e9:>9.1f}{'*' if choice[p] == f else ' '}" if (p, f) in best
-                    else f"{'-':>10}" for p, forms in (("dx", conv.DX_FORMS), ("dw", conv.DW_FORMS))
-                    for f in forms)
+    choice = {p: min((best[k], k[1]) for k in best if k[0] == p)[1] for p in conv.FORMS}
+    cells = "".join(f"{fl / best[(p, f)] / 1e9:>10.1f}{'*' if choice[p] == f else ' '}" if (p, f) in best
+                    else f"{'-':>11}" for p, forms in conv.FORMS.items() for f in forms)
     print(f"{describe(shape):<28}{cells}", flush=True)
     key = conv.table_key(shape.x, shape.kernel, shape.strides, shape.padding, batch_dtype)
     entries[key] = {**choice, "gflops": {f"{p} {f}": round(fl / t / 1e9, 1) for (p, f), t in best.items()}}

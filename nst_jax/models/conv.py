@@ -1,5 +1,5 @@
-"""The zoo's 2-D convolution: XLA's own on GPU and TPU, exact formulations of its gradients chosen by
-measurement on CPU.
+"""The zoo's 2-D convolution: XLA's own on GPU and TPU, exact formulations of it and of its gradients
+chosen by measurement on CPU.
 
 XLA:CPU's gradients of a convolution are themselves convolutions (the kernel gradient one with the batch
 as the contracted feature axis), and its grouped and depthwise convolutions, forward and backward, ran
@@ -9,17 +9,21 @@ time by `lax.platform_dependent`:
 
 * every platform but CPU: `lax.conv_general_dilated` and its autodiff gradients, i.e. exactly what the
   model would compute without this module (cuDNN on GPU);
-* CPU, `groups == 1`: XLA's forward pass (its fastest there), and each gradient in the formulation that
-  was fastest for that configuration (input and kernel shape, strides, padding, dtype) when measured by
+* CPU, `groups == 1`: the forward pass and each gradient in the formulation that was fastest for that
+  configuration (input and kernel shape, strides, padding, dtype) when measured by
   `bench/conv.py --write-table` (`choose`, `TABLE_FILE`):
 
+  - forward pass (`forward`): "xla" or "concat" (the k*k shifted views concatenated along channels times
+    the kernel as one (k*k*C_in) x C_out matrix);
   - kernel gradient (`kernel_grad`): "xla" (XLA's own), "taps" (one matrix product per kernel offset,
     (shifted input view)^T @ grad, contracted over all output positions), "rows" (stride 1: one product
     per kernel row, the column offset moved to the gradient) or "concat" (the k*k shifted views
     concatenated along channels, one (k*k*C_in) x C_out contraction; over chunks of the batch, summed, so
     that the concatenated copy stays below `CONCAT_CHUNK_BYTES`);
-  - input gradient (`input_grad`): "xla" or "flip" (stride 1: the forward convolution of the output
-    gradient with the spatially flipped, transposed kernel);
+  - input gradient (`input_grad`): "xla", "flip" (stride 1: the forward convolution of the output
+    gradient with the spatially flipped, transposed kernel) or "col2im" (one matrix product of the output
+    gradient with the kernel, each offset's block then added at its place: over chunks of the batch, as
+    "concat");
 
 * CPU, depthwise (one input channel per group, as in MobileNetV2 and ShuffleNet): the convolution as
   k*k shifted elementwise products, and its gradients by autodiff of that form (pads and reductions);
@@ -157,10 +161,9 @@ def _conv(x, kernel, strides, padding, groups):
 
 
 def _forward(x, kernel, strides, padding, groups):
-  if groups == 1:  # XLA's forward pass is its fastest on CPU too.
-    return xla_conv(x, kernel, strides, padding, groups)
-  return lax.platform_dependent(x, kernel, cpu=functools.partial(_cpu_grouped, strides=strides,
-                                                                  padding=padding, groups=groups),
+  cpu = _cpu_forward if groups == 1 else _cpu_grouped
+  return lax.platform_dependent(x, kernel, cpu=functools.partial(cpu, strides=strides, padding=padding,
+                                                                  groups=groups),
                                 default=functools.partial(xla_conv, strides=strides, padding=padding,
                                                           groups=groups))
 
@@ -185,13 +188,21 @@ def _xla_vjp(x, kernel, grad, *, strides, padding, groups):
   return vjp(grad)
 
 
+def _cpu_forward(x, kernel, *, strides, padding, groups):
+  assert groups == 1, groups
+  form = choose(x.shape, kernel.shape, strides, padding, x.dtype).fwd
+  if form == "xla":
+    return xla_conv(x, kernel, strides, padding, 1)
+  return forward(x, kernel, strides, padding, form)
+
+
 def _cpu_vjp(x, kernel, grad, *, strides, padding, groups):
   if groups != 1:
     _, vjp = jax.vjp(functools.partial(_cpu_grouped, strides=strides, padding=padding, groups=groups), x,
                      kernel)
     return vjp(grad)
   choice = choose(x.shape, kernel.shape, strides, padding, x.dtype)
-  if choice == Choice("xla", "xla"):
+  if (choice.dx, choice.dw) == ("xla", "xla"):
     return _xla_vjp(x, kernel, grad, strides=strides, padding=padding, groups=1)
   if choice.dx == "xla":
     (dx,) = jax.vjp(lambda x_: xla_conv(x_, kernel, strides, padding, 1), x)[1](grad)
@@ -207,30 +218,36 @@ def _cpu_vjp(x, kernel, grad, *, strides, padding, groups):
 # ---------------------------------------------------------------------------------------------------------
 # Choosing a formulation: the measured table.
 
-# Formulations of each gradient of a `groups == 1` convolution, XLA's own first.
+# Formulations of the forward pass and of each gradient of a `groups == 1` convolution, XLA's own first.
+FWD_FORMS = ("xla", "concat")
+DX_FORMS = ("xla", "flip", "col2im")
 DW_FORMS = ("xla", "taps", "rows", "concat")
-DX_FORMS = ("xla", "flip")
+FORMS = {"fwd": FWD_FORMS, "dx": DX_FORMS, "dw": DW_FORMS}
 TABLE_FILE = pathlib.Path(__file__).with_name("conv_table.json")
 TABLE_ENV = "NST_JAX_CONV_TABLE"
 
 
 class Choice(NamedTuple):
-  """The formulation of the input gradient (`dx`, of DX_FORMS) and of the kernel gradient (`dw`)."""
+  """The formulation of the forward pass (`fwd`, of FWD_FORMS), of the input gradient (`dx`, of DX_FORMS)
+  and of the kernel gradient (`dw`, of DW_FORMS)."""
+  fwd: str
   dx: str
   dw: str
 
 
-# Configurations neither in the table nor at another batch size in it. In the shipped table "concat" is the
-# fastest kernel gradient for 8 of the CIFAR ResNets' 10 configurations (1.3x and 1.8x slower than the
-# fastest in the other two, 1.1-4.7x faster than XLA's in those 8), and XLA's input gradient the fastest
-# or within 10 % of "flip" in all 10.
-DEFAULT_CHOICE = Choice(dx="xla", dw="concat")
+# Configurations neither in the table nor at another batch size in it: the forms the shipped table chose
+# most often among the CIFAR ResNets' 10 configurations. "concat" is the fastest forward pass in 8 (1.1-2.4x
+# XLA's; in the other two, the 16x16 and 8x8 stride-1 3x3 ones, XLA's is 1.1-1.3x faster), "col2im" the
+# fastest input gradient in 8 (1.1-2.6x XLA's; XLA's 1.0-1.4x faster in the same two), "concat" the
+# fastest kernel gradient in 6 and within 2 % of the fastest in three more.
+DEFAULT_CHOICE = Choice(fwd="concat", dx="col2im", dw="concat")
 
-# The bound on the concatenated copy of the "concat" kernel gradient, per chunk of the batch: the largest
-# divisor of the batch whose copy fits (one image at least, however large). Bounds of 1-16 MiB (chunks
-# within the last-level cache) ran 2-3x faster than 64 MiB or the whole batch at once (151 MiB for 64
-# images at 32x32 with 64 channels), and alike within noise of each other, for the CIFAR ResNets' shapes.
-CONCAT_CHUNK_BYTES = 4 * 2**20
+# The bound on the copy of "concat" and "col2im" (the concatenated views, the col2im products), per chunk
+# of the batch: the largest divisor of the batch whose copy fits (one image at least, however large).
+# Copies of about 2-8 MiB per chunk ran fastest for the CIFAR ResNets' shapes: the whole batch at once
+# (151 MiB for 64 images at 32x32 with 64 channels) ran 2-3x slower, one image per chunk (2.25 MiB there)
+# 1.1-1.3x slower than two.
+CONCAT_CHUNK_BYTES = 8 * 2**20
 
 _table_source: str | os.PathLike | Mapping | None = None  # None: $NST_JAX_CONV_TABLE, else TABLE_FILE.
 _table_cache: dict | None = None
@@ -283,10 +300,11 @@ def load_table(source: str | os.PathLike | Mapping | None = None) -> dict:
 
 
 def _checked_choice(key, entry) -> Choice:
-  choice = Choice(dx=entry["dx"], dw=entry["dw"])
-  if choice.dx not in DX_FORMS or choice.dw not in DW_FORMS:
-    raise ValueError(f"entry {key!r}: {tuple(choice)}; valid dx: {', '.join(DX_FORMS)}, "
-                     f"dw: {', '.join(DW_FORMS)}")
+  # Tables measured before the forward pass had formulations name none: XLA's.
+  choice = Choice(fwd=entry.get("fwd", "xla"), dx=entry["dx"], dw=entry["dw"])
+  if any(form not in FORMS[part] for part, form in choice._asdict().items()):
+    raise ValueError(f"entry {key!r}: {tuple(choice)}; valid fwd: {', '.join(FWD_FORMS)}, "
+                     f"dx: {', '.join(DX_FORMS)}, dw: {', '.join(DW_FORMS)}")
   return choice
 
 
@@ -298,9 +316,10 @@ def _table() -> dict:
 
 
 def choose(x_shape, kernel_shape, strides, padding, dtype) -> Choice:
-  """The gradient formulations of a `groups == 1` convolution on CPU: the table's entry for the
-  configuration; else that of the same configuration at the nearest batch size (by ratio); else
-  DEFAULT_CHOICE. Forms a configuration cannot take (e.g. "rows" or "flip" at stride 2) become "xla"."""
+  """The formulations of a `groups == 1` convolution on CPU, forward pass and gradients: the table's
+  entry for the configuration; else that of the same configuration at the nearest batch size (by
+  ratio); else DEFAULT_CHOICE. Forms a configuration cannot take (e.g. "rows" or "flip" at stride 2)
+  become "xla"."""
   table = _table()
   key = table_key(x_shape, kernel_shape, strides, padding, dtype)
   choice = table.get(key)
@@ -309,18 +328,22 @@ def choose(x_shape, kernel_shape, strides, padding, dtype) -> Choice:
     same = [(abs(math.log(shape[0] / x_shape[0])), shape[0], k) for k in table
             for d, shape, r in [_parse_key(k)] if d == dtype_name and r == rest and shape[1:] == x_shape[1:]]
     choice = table[min(same)[2]] if same else DEFAULT_CHOICE
-  return Choice(dx=choice.dx if form_applies("dx", choice.dx, kernel_shape, strides, padding) else "xla",
-                dw=choice.dw if form_applies("dw", choice.dw, kernel_shape, strides, padding) else "xla")
+  return Choice(*(form if form_applies(part, form, kernel_shape, strides, padding) else "xla"
+                  for part, form in choice._asdict().items()))
 
 
-def form_applies(grad: str, form: str, kernel_shape, strides, padding) -> bool:
-  """Whether gradient `grad` ("dx" or "dw") of this configuration can take formulation `form`: "rows"
-  needs stride 1 and k_w > 1; "flip" stride 1 and padding <= k - 1 per side (it pads by k - 1 - p)."""
-  if grad == "dw":
-    return form in DW_FORMS and (form != "rows" or (tuple(strides) == (1, 1) and kernel_shape[1] > 1))
-  return form in DX_FORMS and (form != "flip" or (
-      tuple(strides) == (1, 1)
-      and all(p <= k - 1 for k, pair in zip(kernel_shape[:2], padding, strict=True) for p in pair)))
+def form_applies(part: str, form: str, kernel_shape, strides, padding) -> bool:
+  """Whether `part` ("fwd", "dx" or "dw") of this configuration can take formulation `form`: "rows" needs
+  stride 1 and k_w > 1; "flip" stride 1 and padding <= k - 1 per side (it pads by k - 1 - p); the others
+  apply to every configuration."""
+  if form not in FORMS[part]:
+    return False
+  if form == "rows":
+    return tuple(strides) == (1, 1) and kernel_shape[1] > 1
+  if form == "flip":
+    return tuple(strides) == (1, 1) and all(
+        p <= k - 1 for k, pair in zip(kernel_shape[:2], padding, strict=True) for p in pair)
+  return True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,50 +388,96 @@ def kernel_grad(x, grad, kernel_hw, strides, padding, form: str = "concat"):
 
 
 def concat_chunk(batch: int, bytes_per_image: int, max_bytes: int | None = None) -> int:
-  """Images per chunk of the "concat" kernel gradient: the largest divisor of `batch` whose
+  """Images per chunk of a batch-chunked formulation: the largest divisor of `batch` whose
   `bytes_per_image` x chunk is at most `max_bytes` (CONCAT_CHUNK_BYTES), and 1 at least."""
   max_bytes = CONCAT_CHUNK_BYTES if max_bytes is None else max_bytes
   return max([d for d in range(1, batch + 1) if batch % d == 0 and d * bytes_per_image <= max_bytes],
              default=1)
 
 
-def _kernel_grad_concat(x, grad, kernel_hw, strides, padding):
-  """The kernel gradient as one contraction: the k*k shifted views concatenated along channels,
-  (B OH OW) x (k_h k_w C_in), contracted with the (B OH OW) x C_out gradient, reshaped to (k_h, k_w, C_in,
-  C_out). The concatenation is a copy of k_h k_w C_in values per output position; over chunks of
-  `concat_chunk` images per device (a `lax.scan`, the chunks' products summed), it stays within
-  CONCAT_CHUNK_BYTES per device (or one image's copy, if larger). A stride-1 1x1 convolution needs no
-  copy and is not chunked."""
-  batch, oh, ow, out_channels = grad.shape
-  kh, kw = kernel_hw
-
-  def contract(x_, g_):
-    views = shifted_inputs(x_, kernel_hw, strides, padding, (oh, ow))
-    a = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-    n = x_.shape[0] * oh * ow
-    return _contract_rows(a.reshape(n, -1), g_.reshape(n, out_channels))
-
-  copies = not (kh * kw == 1 and tuple(strides) == (1, 1))
+def over_batch_chunks(fn, arrays, bytes_per_image: int, *, summed: bool):
+  """`fn(*arrays)` over chunks of the batch (axis 0 of every array) whose temporary copy, `bytes_per_image`
+  per image, stays within CONCAT_CHUNK_BYTES (`concat_chunk`): the chunks' results summed (`summed`: a
+  kernel gradient) or put back together along the batch (an output or an input gradient). A batch that
+  fits is one call; otherwise a `lax.scan` (summed) or `lax.map` runs over the chunks."""
+  batch = arrays[0].shape[0]
   # Under jit over several devices the batch is sharded in `groups` contiguous blocks: every chunk takes
   # `chunk` images from each block, so no chunk straddles two devices. (Chunks of consecutive images made
   # XLA regroup the batch across subsets of the devices inside the loop, and its CPU collectives then
   # deadlocked.) Under pmap, or where the batch does not divide, `groups` is 1.
   groups = jax.device_count() if batch % jax.device_count() == 0 else 1
   per_group = batch // groups
-  image_bytes = oh * ow * kh * kw * x.shape[-1] * x.dtype.itemsize
-  chunk = concat_chunk(per_group, image_bytes) if copies else per_group
+  chunk = concat_chunk(per_group, bytes_per_image)
   if chunk == per_group:
-    out = contract(x, grad)
-  else:
-    steps = per_group // chunk
+    return fn(*arrays)
+  steps = per_group // chunk
 
-    def split(a):  # (B, ...) -> (steps, groups * chunk, ...): step s holds images [s*chunk, (s+1)*chunk)
-      a = a.reshape(groups, steps, chunk, *a.shape[1:])  # of every block
-      return jnp.swapaxes(a, 0, 1).reshape(steps, groups * chunk, *a.shape[3:])
+  def split(a):  # (B, ...) -> (steps, groups * chunk, ...): step s holds images [s*chunk, (s+1)*chunk)
+    a = a.reshape(groups, steps, chunk, *a.shape[1:])  # of every block.
+    return jnp.swapaxes(a, 0, 1).reshape(steps, groups * chunk, *a.shape[3:])
 
-    init = jnp.zeros((kh * kw * x.shape[-1], out_channels), _accumulation_dtype(x.dtype))
-    out, _ = lax.scan(lambda acc, xg: (acc + contract(*xg), None), init, (split(x), split(grad)))
-  return out.reshape(kh, kw, x.shape[-1], out_channels)
+  chunks = tuple(split(a) for a in arrays)
+  if summed:
+    init = jax.tree.map(lambda r: jnp.zeros(r.shape, r.dtype), jax.eval_shape(fn, *(c[0] for c in chunks)))
+    out, _ = lax.scan(lambda acc, cs: (acc + fn(*cs), None), init, chunks)
+    return out
+  out = lax.map(lambda cs: fn(*cs), chunks)  # (steps, groups * chunk, ...), back to batch order:
+  out = out.reshape(steps, groups, chunk, *out.shape[2:])
+  return jnp.swapaxes(out, 0, 1).reshape(batch, *out.shape[3:])
+
+
+def _copy_bytes(kernel_hw, strides, positions: int, channels: int, dtype) -> int:
+  """Bytes per image of the k*k views concatenated at `positions` positions: none for a stride-1 1x1
+  convolution, whose one view is the array itself."""
+  if tuple(kernel_hw) == (1, 1) and tuple(strides) == (1, 1):
+    return 0
+  return positions * kernel_hw[0] * kernel_hw[1] * channels * jnp.dtype(dtype).itemsize
+
+
+def _concatenated_views(x, kernel_hw, strides, padding, out_hw):
+  views = shifted_inputs(x, kernel_hw, strides, padding, out_hw)
+  return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+
+
+def forward(x, kernel, strides, padding, form: str = "concat"):
+  """The output of a `groups == 1` convolution, computed as `form`.
+
+  "concat": the k*k shifted views of the input concatenated along channels, (B, OH, OW, k_h k_w C_in),
+  times the kernel as a (k_h k_w C_in) x C_out matrix; over chunks of the batch (`over_batch_chunks`) so
+  that the copy stays within CONCAT_CHUNK_BYTES. In bfloat16 the products accumulate in float32 and round
+  once.
+  """
+  if form != "concat":
+    raise ValueError(f"Unknown forward form {form!r}. Valid: concat.")
+  kernel_hw = kernel.shape[:2]
+  out_hw = _output_hw(x, kernel_hw, strides, padding)
+  matrix = kernel.reshape(-1, kernel.shape[3])
+
+  def product(x_):
+    a = _concatenated_views(x_, kernel_hw, strides, padding, out_hw)
+    out = lax.dot_general(a, matrix, (((3,), (0,)), ((), ())),
+                          preferred_element_type=_accumulation_dtype(x.dtype))
+    return out.astype(x.dtype)
+
+  image_bytes = _copy_bytes(kernel_hw, strides, out_hw[0] * out_hw[1], x.shape[-1], x.dtype)
+  return over_batch_chunks(product, (x,), image_bytes, summed=False)
+
+
+def _kernel_grad_concat(x, grad, kernel_hw, strides, padding):
+  """The kernel gradient as one contraction: the k*k shifted views concatenated along channels,
+  (B OH OW) x (k_h k_w C_in), contracted with the (B OH OW) x C_out gradient, reshaped to (k_h, k_w, C_in,
+  C_out). The concatenation is a copy of k_h k_w C_in values per output position, made over chunks of the
+  batch (`over_batch_chunks`, the chunks' products summed) within CONCAT_CHUNK_BYTES."""
+  batch, oh, ow, out_channels = grad.shape
+
+  def contract(x_, g_):
+    n = x_.shape[0] * oh * ow
+    a = _concatenated_views(x_, kernel_hw, strides, padding, (oh, ow))
+    return _contract_rows(a.reshape(n, -1), g_.reshape(n, out_channels))
+
+  image_bytes = _copy_bytes(kernel_hw, strides, oh * ow, x.shape[-1], x.dtype)
+  out = over_batch_chunks(contract, (x, grad), image_bytes, summed=True)
+  return out.reshape(*kernel_hw, x.shape[-1], out_channels)
 
 
 def _kernel_grad_rows(x, grad, kernel_hw, padding):
@@ -436,22 +505,54 @@ def _contract_rows(a, b):
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_accumulation_dtype(a.dtype))
 
 
-def input_grad(grad, kernel, x_hw, strides, padding, form: str = "flip"):
-  """d loss / d input of a `groups == 1` convolution, (B, H, W, C_in), for output gradient `grad`.
+def input_grad(grad, kernel, x_hw, strides, padding, form: str = "col2im"):
+  """d loss / d input of a `groups == 1` convolution, (B, H, W, C_in), for output gradient `grad`, as
+  `form`:
 
-  "flip" (stride 1, padding <= k - 1 per side): the forward convolution of `grad`, padded by k - 1 - p
-  per side, with the kernel flipped in both spatial axes and its channel axes swapped;
-  dx[b, h, w, c] = sum_{i, j, o} grad_pad[b, h + i, w + j, o] kernel[k_h - 1 - i, k_w - 1 - j, c, o].
+  * "flip" (stride 1, padding <= k - 1 per side): XLA's forward convolution of `grad`, padded by k - 1 - p
+    per side, with the kernel flipped in both spatial axes and its channel axes swapped;
+    dx[b, h, w, c] = sum_{i, j, o} grad_pad[b, h + i, w + j, o] kernel[k_h - 1 - i, k_w - 1 - j, c, o].
+  * "col2im" (any stride): the products P = grad @ kernel^T, (B, OH, OW, k_h k_w C_in), in one matrix
+    product, then each offset's block (i, j) added at its place in the padded input,
+    dx_pad[b, s_h h + i, s_w w + j, c] += P[b, h, w, (i, j, c)], and the padding cut off. P is the copy
+    bounded by CONCAT_CHUNK_BYTES (over chunks of the batch, `over_batch_chunks`); products accumulate in
+    float32 for bfloat16.
   """
+  if form == "col2im":
+    return _input_grad_col2im(grad, kernel, x_hw, strides, padding)
   kh, kw = kernel.shape[:2]
   if form != "flip" or not form_applies("dx", form, kernel.shape, strides, padding):
     raise ValueError(f"Unknown or inapplicable input gradient form {form!r} for kernel {kernel.shape} at "
-                     f"strides {strides}, padding {padding}. Valid: flip (stride 1, padding <= k - 1).")
+                     f"strides {strides}, padding {padding}. Valid: col2im, flip (stride 1, padding <= "
+                     "k - 1).")
   (pt, pb), (pl, pr) = padding
   flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
   dx = xla_conv(grad, flipped, (1, 1), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), 1)
   assert dx.shape[1:3] == tuple(x_hw), (dx.shape, x_hw)
   return dx
+
+
+def _input_grad_col2im(grad, kernel, x_hw, strides, padding):
+  kh, kw, in_channels, out_channels = kernel.shape
+  (pt, pb), (pl, pr) = padding
+  (sh, sw), (oh, ow) = strides, grad.shape[1:3]
+  hp, wp = x_hw[0] + pt + pb, x_hw[1] + pl + pr
+  acc = _accumulation_dtype(grad.dtype)
+  matrix = kernel.reshape(kh * kw * in_channels, out_channels)
+
+  def scatter(g_):
+    products = lax.dot_general(g_, matrix, (((3,), (1,)), ((), ())), preferred_element_type=acc)
+    products = products.reshape(*g_.shape[:3], kh, kw, in_channels)
+    zero = jnp.zeros((), acc)
+    # Block (i, j) lands on rows i, i + s_h, ..., columns j, j + s_w, ...: an interior padding of s - 1.
+    placed = [lax.pad(products[:, :, :, i, j], zero, ((0, 0, 0), (i, hp - i - (oh - 1) * sh - 1, sh - 1),
+                                                      (j, wp - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+              for i in range(kh) for j in range(kw)]
+    dx_pad = functools.reduce(jnp.add, placed)
+    return dx_pad[:, pt:pt + x_hw[0], pl:pl + x_hw[1]].astype(grad.dtype)
+
+  image_bytes = _copy_bytes((kh, kw), strides, oh * ow, in_channels, acc)
+  return over_batch_chunks(scatter, (grad,), image_bytes, summed=False)
 
 
 def _output_hw(x, kernel_hw, strides, padding):

@@ -2,7 +2,7 @@
 against `jax.vjp` of `lax.conv_general_dilated` (the independent reference), under jit, vmap, jit over a
 sharded batch and pmap; every gradient formulation of `groups == 1` convolutions on its own (strides,
 asymmetric paddings) and through `conv2d` under each table choice; the choice itself (table lookup,
-nearest batch, fallbacks, unreadable tables); the batch chunking of the "concat" form; the implementation
+nearest batch, fallbacks, unreadable tables); the batch chunking of the copying forms; the implementation
 switch; the platform choice; whole models and layers.Conv.
 
 Errors are relative to the largest entry of the reference: max |ours - ref| / max |ref|. Float32:
@@ -138,9 +138,9 @@ def test_vmap_over_inputs_and_kernels(name, x_shape, k_shape, stride, pad, group
       assert rel_err(a, b) < F32_TOL, (name, i, what, rel_err(a, b))
 
 
-# (name, input NHWC, kernel HWIO, strides, explicit padding): groups == 1 configurations for the gradient
-# formulations on their own, with asymmetric paddings ("SAME" at stride 2 pads (0, 1)), a padding wider
-# than the kernel reaches, and a batch of 5 (odd, prime) for the chunked "concat" form.
+# (name, input NHWC, kernel HWIO, strides, explicit padding): groups == 1 configurations for the forward
+# and gradient formulations on their own, with asymmetric paddings ("SAME" at stride 2 pads (0, 1)), a
+# padding wider than the kernel reaches, and a batch of 5 (odd, prime) for the chunked forms.
 FORM_CONFIGS = [
     ("3x3_s1", (4, 8, 8, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1))),
     ("3x3_s2_same", (3, 9, 8, 8), (3, 3, 8, 16), (2, 2), ((1, 1), (0, 1))),
@@ -165,13 +165,18 @@ def _form_arrays(x_shape, k_shape, strides, padding):
 
 
 @pytest.mark.parametrize("name,x_shape,k_shape,strides,padding", FORM_CONFIGS, ids=FORM_IDS)
-def test_every_applicable_gradient_form_matches_xla(name, x_shape, k_shape, strides, padding, monkeypatch):
-  # A 2 KiB bound on the "concat" copy, so that it runs over chunks of the batch in every configuration
-  # here but the copy-free 1x1 stride-1 one.
+def test_every_applicable_form_matches_xla(name, x_shape, k_shape, strides, padding, monkeypatch):
+  # A 2 KiB bound on the copies of "concat" and "col2im", so that they run over chunks of the batch in
+  # every configuration here but the copy-free 1x1 stride-1 one.
   monkeypatch.setattr(conv, "CONCAT_CHUNK_BYTES", 2048)
   x, kernel, grad = _form_arrays(x_shape, k_shape, strides, padding)
+  ref_out = conv.xla_conv(x, kernel, strides, padding, 1)
   ref_dx, ref_dk = _xla_grads(x, kernel, strides, padding, grad)
   tried = []
+  for form in conv.FWD_FORMS[1:]:
+    out = jax.jit(conv.forward, static_argnums=(2, 3, 4))(x, kernel, strides, padding, form)
+    assert out.shape == ref_out.shape and rel_err(out, ref_out) < F32_TOL, (name, form, rel_err(out, ref_out))
+    tried.append(form)
   for form in conv.DW_FORMS[1:]:
     if conv.form_applies("dw", form, k_shape, strides, padding):
       dk = jax.jit(conv.kernel_grad, static_argnums=(2, 3, 4, 5))(x, grad, k_shape[:2], strides, padding,
@@ -185,8 +190,10 @@ def test_every_applicable_gradient_form_matches_xla(name, x_shape, k_shape, stri
       assert dx.shape == x.shape and rel_err(dx, ref_dx) < F32_TOL, (name, form, rel_err(dx, ref_dx))
       tried.append(form)
   # Which forms apply, by hand: "rows" at stride 1 with k_w > 1, "flip" at stride 1 with padding <= k - 1.
-  expected = {"3x3_s1": ["taps", "rows", "concat", "flip"], "5x5_s1_asym": ["taps", "rows", "concat", "flip"],
-              "1x1_s1": ["taps", "concat", "flip"]}.get(name, ["taps", "concat"])
+  expected = {"3x3_s1": ["concat", "taps", "rows", "concat", "flip", "col2im"],
+              "5x5_s1_asym": ["concat", "taps", "rows", "concat", "flip", "col2im"],
+              "1x1_s1": ["concat", "taps", "concat", "flip", "col2im"]}.get(name, ["concat", "taps", "concat",
+                                                                                  "col2im"])
   assert tried == expected
 
 
@@ -194,10 +201,12 @@ def test_inapplicable_forms_are_refused_with_the_valid_ones():
   x, kernel, grad = _form_arrays((2, 8, 8, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)))
   with pytest.raises(ValueError, match="Valid: taps, concat, rows"):
     conv.kernel_grad(x, grad, (3, 3), (2, 2), ((1, 1), (1, 1)), "rows")
-  with pytest.raises(ValueError, match="Valid: flip"):
+  with pytest.raises(ValueError, match="Valid: col2im, flip"):
     conv.input_grad(grad, kernel, (8, 8), (2, 2), ((1, 1), (1, 1)), "flip")
   with pytest.raises(ValueError, match="Valid: taps"):
     conv.kernel_grad(x, grad, (3, 3), (2, 2), ((1, 1), (1, 1)), "im2col")
+  with pytest.raises(ValueError, match="Valid: concat"):
+    conv.forward(x, kernel, (2, 2), ((1, 1), (1, 1)), "winograd")
 
 
 def test_concat_chunk_is_the_largest_divisor_within_the_bound():
@@ -206,10 +215,10 @@ def test_concat_chunk_is_the_largest_divisor_within_the_bound():
   assert conv.concat_chunk(64, 1000, 64_000) == 64
   assert conv.concat_chunk(7, 1000, 6999) == 1 and conv.concat_chunk(7, 1000, 7000) == 7
   assert conv.concat_chunk(6, 10**9, 4096) == 1  # One image at least, however large.
-  # The default bound: 64 images at 32x32 with 64 channels, 3x3: 2.25 MiB of copy per image -> 1 at 4 MiB.
-  assert conv.CONCAT_CHUNK_BYTES == 4 * 2**20
-  assert conv.concat_chunk(64, 32 * 32 * 9 * 64 * 4) == 1
-  assert conv.concat_chunk(64, 8 * 8 * 9 * 256 * 4) == 4  # 0.56 MiB per image.
+  # The default bound: 64 images at 32x32 with 64 channels, 3x3: 2.25 MiB of copy per image -> 2 at 8 MiB.
+  assert conv.CONCAT_CHUNK_BYTES == 8 * 2**20
+  assert conv.concat_chunk(64, 32 * 32 * 9 * 64 * 4) == 2
+  assert conv.concat_chunk(64, 8 * 8 * 9 * 256 * 4) == 8  # 0.56 MiB per image.
 
 
 def test_concat_over_the_bound_runs_as_a_scan_over_batch_chunks(monkeypatch):
@@ -227,6 +236,27 @@ def test_concat_over_the_bound_runs_as_a_scan_over_batch_chunks(monkeypatch):
   assert rel_err(jax.jit(fn())(x, grad), ref_dk) < F32_TOL
   monkeypatch.setattr(conv, "CONCAT_CHUNK_BYTES", 6 * per_image)  # The whole batch fits: no scan.
   assert "scan" not in str(jax.make_jaxpr(fn())(x, grad))
+
+
+@pytest.mark.parametrize("form", ["fwd concat", "dx col2im"])
+def test_chunked_outputs_come_back_in_batch_order(form, monkeypatch):
+  # Chunks of 2 images under 8 devices: blocks of 2 images per device, each step takes one image from
+  # every block; the output must be put back in the input's order, sharded or not.
+  x, kernel, grad = _form_arrays((32, 6, 6, 4), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1)))
+  monkeypatch.setattr(conv, "CONCAT_CHUNK_BYTES", 6 * 6 * 9 * 4 * 4)
+  ref_out = conv.xla_conv(x, kernel, (1, 1), ((1, 1), (1, 1)), 1)
+  ref_dx, _ = _xla_grads(x, kernel, (1, 1), ((1, 1), (1, 1)), grad)
+  if form == "fwd concat":
+    fn, arg, ref = lambda: lambda a: conv.forward(a, kernel, (1, 1), ((1, 1), (1, 1))), x, ref_out
+  else:
+    fn = lambda: lambda g: conv.input_grad(g, kernel, (6, 6), (1, 1), ((1, 1), (1, 1)), "col2im")
+    arg, ref = grad, ref_dx
+  maps = [e for e in jax.make_jaxpr(fn())(arg).jaxpr.eqns if e.primitive.name == "scan"]
+  assert len(maps) == 1 and maps[0].params["length"] == 4  # 32 images: 4 steps of 8.
+  assert rel_err(jax.jit(fn())(arg), ref) < F32_TOL
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  assert rel_err(jax.jit(fn())(jax.device_put(arg, sharded)), ref) < F32_TOL
 
 
 def test_concat_chunks_take_images_from_every_device_block(monkeypatch):
@@ -248,7 +278,9 @@ def test_concat_chunks_take_images_from_every_device_block(monkeypatch):
 
 
 def _table(entries):
-  return {"machine": "test", "entries": {k: {"dx": dx, "dw": dw} for k, (dx, dw) in entries.items()}}
+  """A table of {key: (fwd, dx, dw)}."""
+  return {"machine": "test", "entries": {k: dict(zip(("fwd", "dx", "dw"), forms, strict=True))
+                                         for k, forms in entries.items()}}
 
 
 KEY_ARGS = ((64, 32, 32, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1)), jnp.float32)
@@ -262,14 +294,15 @@ def test_table_key_spells_out_the_configuration():
 
 def test_choose_reads_the_table_then_the_nearest_batch_then_the_default():
   key = lambda batch, dtype="float32": conv.table_key((batch, *KEY_ARGS[0][1:]), *KEY_ARGS[1:4], dtype)
-  table = _table({key(64): ("flip", "rows"), key(16): ("xla", "taps"), key(64, "bfloat16"): ("xla", "xla")})
+  table = _table({key(64): ("concat", "flip", "rows"), key(16): ("xla", "col2im", "taps"),
+                  key(64, "bfloat16"): ("xla", "xla", "xla")})
   with conv.use_table(table):
     choose = lambda batch, dtype=jnp.float32: conv.choose((batch, 32, 32, 64), *KEY_ARGS[1:4], dtype)
-    assert choose(64) == conv.Choice(dx="flip", dw="rows")
-    assert choose(16) == conv.Choice(dx="xla", dw="taps")
-    assert choose(40) == conv.Choice(dx="flip", dw="rows")  # 64/40 = 1.6 < 40/16 = 2.5.
-    assert choose(24) == conv.Choice(dx="xla", dw="taps")
-    assert choose(64, jnp.bfloat16) == conv.Choice("xla", "xla")
+    assert choose(64) == conv.Choice(fwd="concat", dx="flip", dw="rows")
+    assert choose(16) == conv.Choice(fwd="xla", dx="col2im", dw="taps")
+    assert choose(40) == conv.Choice("concat", "flip", "rows")  # 64/40 = 1.6 < 40/16 = 2.5.
+    assert choose(24) == conv.Choice("xla", "col2im", "taps")
+    assert choose(64, jnp.bfloat16) == conv.Choice("xla", "xla", "xla")
     assert choose(8, jnp.float16) == conv.DEFAULT_CHOICE  # No float16 entries at any batch.
     # Another spatial size, kernel, stride or padding is another configuration: the default.
     assert conv.choose((64, 16, 16, 64), *KEY_ARGS[1:]) == conv.DEFAULT_CHOICE
@@ -277,9 +310,16 @@ def test_choose_reads_the_table_then_the_nearest_batch_then_the_default():
   # Forms a configuration cannot take become XLA's: "rows" and "flip" at stride 2 (this entry is
   # hand-made: a measured table never holds them).
   s2 = conv.table_key((4, 8, 8, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)), jnp.float32)
-  with conv.use_table(_table({s2: ("flip", "rows")})):
+  with conv.use_table(_table({s2: ("concat", "flip", "rows")})):
     assert conv.choose((4, 8, 8, 4), (3, 3, 4, 4), (2, 2), ((1, 1), (1, 1)), jnp.float32) == conv.Choice(
-        "xla", "xla")
+        "concat", "xla", "xla")
+
+
+def test_a_table_without_forward_forms_keeps_xla_forward():
+  # Tables written before the forward pass had formulations of its own name only dx and dw.
+  key = conv.table_key(*KEY_ARGS)
+  with conv.use_table({"machine": "test", "entries": {key: {"dx": "col2im", "dw": "rows"}}}):
+    assert conv.choose(*KEY_ARGS) == conv.Choice("xla", "col2im", "rows")
 
 
 def test_shipped_table_covers_the_cifar_resnets_and_names_its_machine():
@@ -287,7 +327,7 @@ def test_shipped_table_covers_the_cifar_resnets_and_names_its_machine():
   assert table["machine"] and table["command"].startswith("python bench/conv.py")
   loaded = conv.load_table(conv.TABLE_FILE)
   assert set(loaded) == set(table["entries"])
-  assert all(c.dx in conv.DX_FORMS and c.dw in conv.DW_FORMS for c in loaded.values())
+  assert all(form in conv.FORMS[part] for c in loaded.values() for part, form in c._asdict().items())
   # resnet8x4's 32x32 stage: 3x3 64 -> 64 at batch 64.
   assert conv.table_key(*KEY_ARGS) in loaded
 
@@ -295,7 +335,7 @@ def test_shipped_table_covers_the_cifar_resnets_and_names_its_machine():
 @pytest.mark.parametrize("content,problem", [
     (None, "FileNotFoundError"),
     ("{not json", "JSONDecodeError"),
-    ('{"entries": {"k": {"dx": "fft", "dw": "xla"}}}', "valid dx: xla, flip"),
+    ('{"entries": {"k": {"dx": "fft", "dw": "xla"}}}', "valid fwd: xla, concat, dx: xla, flip, col2im"),
 ])
 def test_an_unusable_table_warns_once_and_falls_back_to_the_shipped_one(content, problem, tmp_path):
   path = tmp_path / "table.json"
@@ -309,28 +349,30 @@ def test_an_unusable_table_warns_once_and_falls_back_to_the_shipped_one(content,
 def test_table_from_the_environment_variable(tmp_path, monkeypatch):
   key = conv.table_key(*KEY_ARGS)
   path = tmp_path / "machine.json"
-  path.write_text(json.dumps(_table({key: ("flip", "taps")})))
+  path.write_text(json.dumps(_table({key: ("concat", "flip", "taps")})))
   monkeypatch.setenv(conv.TABLE_ENV, str(path))
   with conv.use_table(None):
-    assert conv.choose(*KEY_ARGS) == conv.Choice("flip", "taps")
+    assert conv.choose(*KEY_ARGS) == conv.Choice("concat", "flip", "taps")
   monkeypatch.setenv(conv.TABLE_ENV, str(tmp_path / "missing.json"))
   with conv.use_table(None), pytest.warns(UserWarning, match="missing.json"):
     conv.choose(*KEY_ARGS)
 
 
-@pytest.mark.parametrize("dx,dw", [(dx, dw) for dx in conv.DX_FORMS for dw in conv.DW_FORMS])
-def test_conv2d_under_every_table_choice_matches_xla(dx, dw):
-  # Through the custom VJP: each (dx, dw) pair the table can name, on a stride-1 configuration where all
-  # apply, and on a stride-2 one, where "flip" and "rows" fall back to XLA's.
+@pytest.mark.parametrize("fwd,dx,dw", [(conv.FWD_FORMS[i % len(conv.FWD_FORMS)], dx, dw) for i, (dx, dw) in
+                                       enumerate((dx, dw) for dx in conv.DX_FORMS for dw in conv.DW_FORMS)])
+def test_conv2d_under_every_table_choice_matches_xla(fwd, dx, dw):
+  # Through the custom VJP: each (dx, dw) pair the table can name, with each forward form in turn, on a
+  # stride-1 configuration where all apply, and on a stride-2 one, where "flip" and "rows" fall back to
+  # XLA's.
   for name, x_shape, k_shape, stride, pad, groups in [c for c in CONFIGS if c[0] in ("3x3_s1", "3x3_s2")]:
     x, kernel = arrays(x_shape, k_shape)
     grad = cotangent(x, kernel, stride, pad, groups)
     key = conv.table_key(x_shape, k_shape, (stride, stride), ((pad, pad), (pad, pad)), jnp.float32)
-    with conv.use_table(_table({key: (dx, dw)})):
+    with conv.use_table(_table({key: (fwd, dx, dw)})):
       out, (gx, gk) = ours(stride, pad, groups)(x, kernel, grad)
     ref_out, (ref_dx, ref_dk) = reference(x, kernel, stride, pad, groups, grad)
     for what, a, b in (("value", out, ref_out), ("dx", gx, ref_dx), ("dkernel", gk, ref_dk)):
-      assert rel_err(a, b) < F32_TOL, (name, dx, dw, what, rel_err(a, b))
+      assert rel_err(a, b) < F32_TOL, (name, fwd, dx, dw, what, rel_err(a, b))
 
 
 def _loss_grads(fn):
@@ -369,11 +411,11 @@ def test_pmap_with_summed_kernel_gradient(name, x_shape, k_shape, stride, pad, g
   assert rel_err(dk[0], ref_dk) < F32_TOL
 
 
-def _kernel_grad_program(platform):
+def _kernel_grad_program(platform, fwd="xla"):
   x, kernel = arrays((2, 4, 4, 128), (3, 3, 128, 128))
   fn = lambda x_, k_: jnp.sum(conv.conv2d(x_, k_, (1, 1), ((1, 1), (1, 1))) ** 2)
   key = conv.table_key(x.shape, kernel.shape, (1, 1), ((1, 1), (1, 1)), x.dtype)
-  with conv.use_table(_table({key: ("xla", "concat")})):
+  with conv.use_table(_table({key: (fwd, "xla", "concat")})):
     exported = jax.export.export(jax.jit(jax.grad(fn, argnums=1)), platforms=(platform,))(x, kernel)
   return exported.mlir_module()
 
@@ -383,6 +425,9 @@ def test_platform_choice_cpu_uses_matrix_products_gpu_keeps_xla_convolution():
   cpu, gpu = _kernel_grad_program("cpu"), _kernel_grad_program("cuda")
   assert cpu.count("stablehlo.convolution") == 1 and "stablehlo.dot_general" in cpu
   assert gpu.count("stablehlo.convolution") == 2 and "stablehlo.dot_general" not in gpu
+  # With the forward pass as "concat" too, the CPU program has no convolution left; the GPU one is the same.
+  assert "stablehlo.convolution" not in _kernel_grad_program("cpu", "concat")
+  assert _kernel_grad_program("cuda", "concat").count("stablehlo.convolution") == 2
 
 
 def test_switch_selects_plain_xla_and_is_scoped():
