@@ -3,7 +3,7 @@
 #
 #     bench/quiet_compare.sh [--write-table]
 #
-# 1. with --write-table: re-measures the convolution gradient formulations of resnet8x4 and resnet32x4
+# 1. with --write-table: re-measures the convolution formulations of resnet8x4, resnet32x4 and resnet20
 #    and rewrites nst_jax/models/conv_table.json, the table nst_jax chooses them by (the runs below are
 #    new processes, so they use it);
 # 2. bench/conv.py: every convolution of resnet8x4 and resnet32x4, forward, input and kernel gradient,
@@ -20,7 +20,7 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 fi
 if [[ "${1:-}" == "--write-table" ]]; then
   uptime
-  "$PY" bench/conv.py --models resnet8x4,resnet32x4 --rounds 9 --forms-only \
+  "$PY" bench/conv.py --models resnet8x4,resnet32x4,resnet20 --rounds 9 --forms-only \
     --write-table nst_jax/models/conv_table.json
 elif [[ -n "${1:-}" ]]; then
   echo "unknown argument ${1}; valid: --write-table" >&2
