@@ -20,7 +20,7 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 fi
 if [[ "${1:-}" == "--write-table" ]]; then
   uptime
-  "$PY" bench/conv.py --models resnet8x4,resnet32x4,resnet20 --rounds 9 --forms-only \
+  "$PY" bench/conv.py --models resnet8x4,resnet32x4,resnet20 --rounds 15 --forms-only \
     --write-table nst_jax/models/conv_table.json
 elif [[ -n "${1:-}" ]]; then
   echo "unknown argument ${1}; valid: --write-table" >&2

@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.dtype = "float32"      # Compute dtype of both models: "float32" or "bfloat16".
   config.parallel = "jit"       # "jit" (global-view jit over a 1-D data mesh) or "pmap".
-  config.conv_impl = "auto"     # "auto": exact faster convolution gradients on CPU; "xla": XLA's own.
+  config.conv_impl = "auto"     # "auto": exact faster convolutions and gradients on CPU; "xla": XLA's own.
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"   # "digits", "image_folder", "cifar10", "cifar100", "imagenet2012".

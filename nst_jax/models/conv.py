@@ -236,9 +236,9 @@ class Choice(NamedTuple):
 
 
 # Configurations neither in the table nor at another batch size in it. The input and kernel gradients take
-# the forms the shipped table chose most often (over its 18 configurations: "col2im" in 11, "concat" in
-# 7); the forward pass keeps XLA's own, which XLA fuses with the BatchNorm and ReLU around it: alone a form
-# may look faster and still slow the model down (see XLA_MARGIN in bench/conv.py).
+# the forms the shipped table chose most often; the forward pass keeps XLA's own, which XLA fuses with
+# the BatchNorm and ReLU around it: alone a form may look faster and still slow a model down (XLA_MARGIN in
+# bench/conv.py).
 DEFAULT_CHOICE = Choice(fwd="xla", dx="col2im", dw="concat")
 
 # The bound on the copy of "concat" and "col2im" (the concatenated views, the col2im products), per chunk

@@ -26,7 +26,7 @@ conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 class Conv(nn.Module):
   """2-D convolution on NHWC inputs with PyTorch-style symmetric integer padding.
 
-  The arithmetic is `nst_jax.models.conv.conv2d` (XLA's convolution on GPU/TPU, exact faster gradient
+  The arithmetic is `nst_jax.models.conv.conv2d` (XLA's convolution on GPU/TPU, exact faster
   formulations on CPU; `conv.use_impl("xla")` selects plain XLA everywhere); the parameters are
   `flax.linen.Conv`'s, so checkpoints and converted weights do not depend on the implementation.
   """
