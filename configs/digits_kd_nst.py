@@ -19,9 +19,10 @@ outputs after their final ReLU, as RepDistiller's NST row. The teacher uses its 
 statistics. Recipe otherwise `configs/default.py`'s: SGD momentum 0.9, weight decay 5e-4, batch 64,
 lr 0.05 x0.1 at epochs 20 and 25 of 30 (660 steps).
 
-Runtime on a 2-core CPU with nothing else running: 7 min 37 s for the command with nothing trained yet,
-of which 4 min 50 s the teacher stage and 2 min 43 s this run (`run.json`'s stage timings). A machine
-shared with other work takes several times longer.
+Runtime on a 2-core CPU with nothing else running (2026-12-03): 6 min 23 s for the command with nothing
+trained yet, of which 4 min 2 s the teacher stage and 2 min 17 s this run (`run.json`'s stage timings);
+the same machine took up to 6 min 54 s on other runs that day. A machine shared with other work takes several
+times longer.
 
 Expected validation accuracy: no published number for this setup. Measured (seed 0, 2026-12-01):
 98.05 % top-1 after 30 epochs (best 98.61 % at epoch 14), teacher 98.05 % (best 98.61 %); on

@@ -9,9 +9,10 @@ time by `lax.platform_dependent`:
 
 * every platform but CPU: `lax.conv_general_dilated` and its autodiff gradients, i.e. exactly what the
   model would compute without this module (cuDNN on GPU);
-* CPU, `groups == 1`: the forward pass and each gradient in the formulation that was fastest for that
-  configuration (input and kernel shape, strides, padding, dtype) when measured by
-  `bench/conv.py --write-table` (`choose`, `TABLE_FILE`):
+* CPU, `groups == 1`: the forward pass and each gradient in the formulation a measured table names for
+  that configuration (input and kernel shape, strides, padding, dtype): the fastest when
+  `bench/conv.py --write-table` timed them all, where it beat XLA's own by a margin (`choose`,
+  `TABLE_FILE`):
 
   - forward pass (`forward`): "xla" or "concat" (the k*k shifted views concatenated along channels times
     the kernel as one (k*k*C_in) x C_out matrix);
