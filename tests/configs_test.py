@@ -120,7 +120,7 @@ def test_loads_locked_with_exactly_the_default_keys(path, method):
 
 
 @pytest.mark.parametrize("path, method", CASES)
-def test_names_resolve(path, method):
+def test_names_resolve(path, method, tmp_path):
   config = _launch_parse(path, method)
   d = config.data
   assert d.name in DATASETS
@@ -137,6 +137,10 @@ def test_names_resolve(path, method):
   assert config.dtype in ("float32", "bfloat16") and config.parallel in parallel.MODES
   assert config.teacher.batchnorm in train.TEACHER_BATCHNORM_MODES
 
+  if d.name == "image_folder" and not pathlib.Path(d.path).is_dir():
+    # The image folder lies outside the repository (../shared/data) and may be absent here; the check
+    # below only needs a folder, so an empty one stands in for it and the rest is checked all the same.
+    d.path = str(tmp_path)
   config_lib.check(config)
   assert config.student.model in models.list_models()
   kernels.get_kernel(config.distill.nst.kernel)
