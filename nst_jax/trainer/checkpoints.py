@@ -41,6 +41,7 @@ the key with `jax.random.wrap_key_data` after restoring.
 """
 
 import json
+import logging
 import os
 import re
 import signal
@@ -106,6 +107,41 @@ def _ignore_closed_loop_callbacks() -> None:
 
   hook._nst_jax_closed_loop_filter = True
   sys.unraisablehook = hook
+
+
+class _UnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports of errors that name a checkpoint being
+  read (`<checkpoint>/...` in their message).
+
+  Orbax reads a checkpoint's arrays as concurrent asyncio tasks; when one fails on a damaged file, the
+  first error is raised (and reported by the caller, in one line) while the siblings' errors, about the
+  same checkpoint's other files, are never awaited. When those tasks are collected, asyncio logs each
+  with its traceback, at a moment that depends on the garbage collector. Reports of any other error pass.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.checkpoints: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None or not str(record.msg).startswith("Task exception was never retrieved"):
+      return True
+    text = str(error)
+    return not any(f"{path}/" in text for path in self.checkpoints)
+
+
+_unretrieved_read_errors = _UnretrievedReadErrors()
+
+
+def _quiet_unretrieved_read_errors(checkpoint: str | os.PathLike) -> None:
+  """From now on, asyncio's reports of unawaited read errors of `checkpoint` (a step's directory) are
+  dropped (see `_UnretrievedReadErrors`). Call before reading it: the reports may come before or after
+  the read's own error."""
+  logger = logging.getLogger("asyncio")
+  if _unretrieved_read_errors not in logger.filters:
+    logger.addFilter(_unretrieved_read_errors)
+  _unretrieved_read_errors.checkpoints.add(os.fspath(checkpoint).rstrip("/"))
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -228,6 +264,7 @@ class Checkpointer:
     elif step not in self._manager.all_steps():
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; saved steps: "
                               f"{self.all_steps()}.")
+    _quiet_unretrieved_read_errors(self.directory / str(step))
     stored = self._manager.metadata(step).item_metadata["state"].tree
     check_fits(template_state, stored, f"checkpoint {self.directory / str(step)}")
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -333,6 +370,7 @@ def load_variables(workdir: str | os.PathLike, template_variables: PyTree, *,
     step = manager.latest_step()
     if step is None:
       raise missing
+    _quiet_unretrieved_read_errors(directory / str(step))
     try:
       stored = manager.metadata(step).item_metadata["state"].tree
       # Compare only the collections the teacher needs, so optimizer state and step are not "unexpected".

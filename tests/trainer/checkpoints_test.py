@@ -2,6 +2,9 @@
 teacher, a SIGKILL in the middle of saving, the SIGTERM flag, and damaged checkpoints (truncated data,
 missing metadata) moved aside."""
 
+import asyncio
+import gc
+import logging
 import os
 import pathlib
 import re
@@ -381,3 +384,34 @@ def test_only_the_closed_event_loop_report_is_dropped_from_the_unraisable_hook(m
   for unraisable in kept:
     sys.unraisablehook(unraisable)
   assert seen == kept
+
+
+def test_only_unawaited_read_errors_of_the_checkpoint_being_read_are_dropped_from_asyncio_logs(
+    tmp_path, caplog):
+  """Orbax's sibling read tasks of a damaged checkpoint fail unawaited; asyncio logs each when it is
+  collected. Those reports name the checkpoint's files: dropped. Any other task's error still shows."""
+  damaged = tmp_path / "checkpoints" / "44"
+  checkpoints._quiet_unretrieved_read_errors(damaged)
+  checkpoints._quiet_unretrieved_read_errors(damaged)  # Idempotent: one filter.
+  assert logging.getLogger("asyncio").filters.count(checkpoints._unretrieved_read_errors) == 1
+
+  async def fail(message):
+    raise ValueError(message)
+
+  def run_unawaited(message):
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(fail(message))
+    loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails; nobody awaits it
+    loop.close()
+    del task
+    gc.collect()
+
+  caplog.set_level("ERROR", logger="asyncio")
+  run_unawaited(f'OUT_OF_RANGE: Error reading "step/.zarray" at local file "{damaged}/state/"')
+  assert not caplog.records, caplog.text
+  for other in (f'Error reading at local file "{tmp_path / "checkpoints" / "4"}/state/"',  # not 44
+                "some other failure"):
+    run_unawaited(other)
+  assert [r.getMessage().splitlines()[0] for r in caplog.records] == [
+      "Task exception was never retrieved"] * 2
+  assert [str(r.exc_info[1]) for r in caplog.records][1] == "some other failure"
